@@ -1,0 +1,272 @@
+"""The adapter interface every MoE system implements.
+
+The harness never special-cases a system: it asks a :class:`MoESystem` whether
+it can run here, builds a :class:`MoELayerAdapter` from a workload's layer
+shape, the MoE knobs and the parallel spec, loads **canonical weights** into
+it, and then drives it through ``forward(x_TM) -> MoEOutput``.
+
+Canonical weight layout (one layout for all systems, so every system runs on
+identical parameters; E experts, M model dim, H expert hidden dim)::
+
+    gate_EM  [E, M]   logits = x_TM @ gate_EM.T
+    w1_EHM   [E, H, M] first projection:  h = x @ w1[e].T
+    w2_EHM   [E, H, M] output projection: y = h @ w2[e]
+    w3_EHM   [E, H, M] SwiGLU only, the "up" projection: u = x @ w3[e].T
+    b1_EH    [E, H]   optional fc1 bias (GELU experts only)
+    b2_EM    [E, M]   optional fc2 bias (GELU experts only)
+
+GELU expert:   y = act(x w1^T + b1) w2 + b2
+SwiGLU expert: y = (silu(x w1^T) * (x w3^T)) w2     (Mixtral's w1/w3/w2)
+
+Tensor-name suffixes across the project: T tokens, M model dim, H expert
+hidden, E experts, C capacity slots, K top-k choices.
+"""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The shape of one MoE FFN layer, independent of any system."""
+
+    model_dim: int
+    ffn_dim: int  # H, hidden size of one expert
+    num_experts: int
+    top_k: int
+    activation: str = "gelu"  # "gelu" | "relu" | "swiglu"
+    expert_bias: bool = False  # fc1/fc2 biases (not allowed with swiglu)
+
+    @property
+    def gemms_per_expert(self) -> int:
+        return 3 if self.activation == "swiglu" else 2
+
+    def validate(self) -> None:
+        for name in ("model_dim", "ffn_dim", "num_experts", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) is larger than num_experts ({self.num_experts})")
+        if self.activation not in ("gelu", "relu", "swiglu"):
+            raise ValueError(f"activation must be gelu, relu or swiglu, got {self.activation!r}")
+        if self.activation == "swiglu" and self.expert_bias:
+            raise ValueError("expert_bias is not supported with swiglu experts")
+
+
+@dataclass(frozen=True)
+class MoEKnobs:
+    """Per-trial MoE settings. ``capacity_factor=None`` means dropless."""
+
+    capacity_factor: float | None = 1.25
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    # System-specific options (e.g. tutel_native's overlap degree); each
+    # system rejects the ones it does not understand in check_support().
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        torch_dtype(self.dtype)
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(
+                f"capacity_factor must be positive or None (dropless), got {self.capacity_factor!r}"
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype)
+
+
+@dataclass(frozen=True)
+class ParallelSpec:
+    """How a trial is spread over processes (torchrun's vocabulary).
+
+    world_size = nnodes * nproc_per_node; ep experts-parallel ranks per group;
+    dp = world_size // (ep * tp) data-parallel replicas of each expert.
+    """
+
+    world_size: int = 1
+    ep: int = 1
+    tp: int = 1
+    nnodes: int = 1
+    threads_per_rank: int | None = None
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.ep * self.tp)
+
+    def validate(self, num_experts: int | None = None) -> None:
+        for name in ("world_size", "ep", "tp", "nnodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.world_size % (self.ep * self.tp):
+            raise ValueError(
+                f"world size {self.world_size} is not divisible by ep*tp = {self.ep * self.tp}"
+            )
+        if self.world_size % self.nnodes:
+            raise ValueError(f"world size {self.world_size} is not divisible by nnodes {self.nnodes}")
+        if num_experts is not None and num_experts % self.ep:
+            raise ValueError(f"num_experts {num_experts} is not divisible by ep {self.ep}")
+
+
+@dataclass
+class CanonicalWeights:
+    """All E experts' parameters in the one documented layout (module docstring)."""
+
+    gate_EM: torch.Tensor
+    w1_EHM: torch.Tensor
+    w2_EHM: torch.Tensor
+    w3_EHM: torch.Tensor | None = None
+    b1_EH: torch.Tensor | None = None
+    b2_EM: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_EM.shape[0]
+
+    def expert_slice(self, first: int, count: int) -> CanonicalWeights:
+        """The weights of experts [first, first+count) with the full gate."""
+
+        def cut(t):
+            return None if t is None else t[first : first + count]
+
+        return CanonicalWeights(
+            gate_EM=self.gate_EM,
+            w1_EHM=cut(self.w1_EHM),
+            w2_EHM=cut(self.w2_EHM),
+            w3_EHM=cut(self.w3_EHM),
+            b1_EH=cut(self.b1_EH),
+            b2_EM=cut(self.b2_EM),
+        )
+
+    def to(self, dtype: torch.dtype | None = None, device: str | None = None) -> CanonicalWeights:
+        def conv(t):
+            return None if t is None else t.to(dtype=dtype, device=device)
+
+        return CanonicalWeights(**{f.name: conv(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    @classmethod
+    def random(cls, shape: LayerShape, seed: int, dtype: torch.dtype = torch.float32) -> CanonicalWeights:
+        """Seeded weights with fan-in scaled normal init; identical on every call."""
+        gen = torch.Generator().manual_seed(seed)
+        E, H, M = shape.num_experts, shape.ffn_dim, shape.model_dim
+
+        def normal(*size, fan_in):
+            return (torch.randn(*size, generator=gen, dtype=torch.float64) / fan_in**0.5).to(dtype)
+
+        swiglu = shape.activation == "swiglu"
+        return cls(
+            gate_EM=normal(E, M, fan_in=M),
+            w1_EHM=normal(E, H, M, fan_in=M),
+            w2_EHM=normal(E, H, M, fan_in=H),
+            w3_EHM=normal(E, H, M, fan_in=M) if swiglu else None,
+            b1_EH=normal(E, H, fan_in=H) if shape.expert_bias else None,
+            b2_EM=normal(E, M, fan_in=M) if shape.expert_bias else None,
+        )
+
+
+@dataclass
+class RoutingStats:
+    """What the router did in the last step (this rank's tokens)."""
+
+    tokens_per_expert: list[int]  # choices routed to each global expert, before dropping
+    dropped: int  # choices dropped for lack of capacity
+    capacity: int | None  # slots per expert; None when dropless without padding
+    l_aux: float | None
+    # Rows the expert GEMMs actually processed (capacity-padded systems
+    # compute E*C rows; dropless ones compute the kept choices).
+    expert_rows_computed: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str = ""
+
+    @classmethod
+    def yes(cls) -> Availability:
+        return cls(True, "")
+
+    @classmethod
+    def no(cls, reason: str) -> Availability:
+        return cls(False, reason)
+
+
+@dataclass
+class MoEOutput:
+    y_TM: torch.Tensor
+    l_aux: torch.Tensor | None
+
+
+class MoELayerAdapter(nn.Module, ABC):
+    """One system's MoE layer behind a uniform call: ``forward(x_TM) -> MoEOutput``.
+
+    ``x_TM`` is this rank's tokens, flattened to [T, M]. Every parameter of the
+    layer is owned by the wrapped module so optimizers see it.
+    """
+
+    @abstractmethod
+    def load_canonical(self, weights: CanonicalWeights) -> None:
+        """Copy in the global canonical weights; the adapter picks its local experts."""
+
+    @abstractmethod
+    def forward(self, x_TM: torch.Tensor) -> MoEOutput: ...
+
+    @abstractmethod
+    def routing_stats(self) -> RoutingStats: ...
+
+    def phase_times(self) -> dict[str, float] | None:
+        """Seconds per phase of the last step (gate, dispatch, experts, combine, comm), if measured."""
+        return None
+
+
+class MoESystem(ABC):
+    """A MoE implementation the harness can run. Subclasses register in systems/__init__.py."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @classmethod
+    def availability(cls) -> Availability:
+        """Can this system run on this machine at all (packages present, ...)?"""
+        return Availability.yes()
+
+    def check_support(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec) -> Availability:
+        """Can it run this particular trial? Unsupported options give a reason, never a crash."""
+        if knobs.options:
+            return Availability.no(f"{self.name} has no options {sorted(knobs.options)}")
+        return Availability.yes()
+
+    def init_distributed(self, parallel: ParallelSpec) -> None:
+        """Set up process groups. Default: plain torch.distributed from torchrun's env vars."""
+        from harness import distributed
+
+        distributed.init_default_process_group(parallel)
+
+    @abstractmethod
+    def build_layer(
+        self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec, layer_index: int = 0
+    ) -> MoELayerAdapter: ...
+
+    def teardown(self) -> None:
+        """Release global state. Trials run in fresh processes, so this is best effort."""

@@ -1,0 +1,208 @@
+"""torch_reference: the numerical reference every other system is checked against.
+
+A plain PyTorch loop over experts, written for obviousness, not speed. It
+implements Tutel's routing rules (``shared/docs/tutel-semantics.md`` sections
+2-3) so capacity-limited results are comparable with the Tutel-style systems:
+
+* softmax over gate logits, top-k, gate values renormalised when k > 1;
+* slot locations: all first choices of an expert before any second choice,
+  in token order (``L_i = cumsum(m_i) - 1 + sum_{j<i} m_j.sum(0)``);
+* capacity ``C = k * int(cf * ceil(T / E))``, at least 1; a choice is kept iff
+  its slot is below C.  ``capacity_factor=None`` is dropless (nothing dropped).
+* GShard aux loss ``E * sum_e mean_t(P[t, e]) * frac_e`` (frac_e: share of
+  tokens whose first choice is e).
+
+Expert parallelism (ep > 1): each rank holds E/ep experts; tokens travel to
+their expert's rank and back through ``all_to_all_single`` with uneven
+splits, so no capacity padding is exchanged. Capacity is a per-rank rule
+(computed from the rank's own tokens), as in Tutel.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from systems.base import (
+    CanonicalWeights,
+    LayerShape,
+    MoEKnobs,
+    MoELayerAdapter,
+    MoEOutput,
+    MoESystem,
+    ParallelSpec,
+    RoutingStats,
+)
+
+
+def tutel_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Tutel's fixed capacity rule: C = k * int(cf * ceil(T / E)), at least 1."""
+    return max(1, top_k * int(capacity_factor * math.ceil(num_tokens / num_experts)))
+
+
+def slot_locations(idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Slot of each (token, choice) inside its expert's buffer (Tutel's rule)."""
+    loc_TK = torch.empty_like(idx_TK)
+    offset_E = torch.zeros(num_experts, dtype=torch.long, device=idx_TK.device)
+    for i in range(idx_TK.shape[1]):
+        mask_TE = F.one_hot(idx_TK[:, i], num_experts)
+        cum_TE = torch.cumsum(mask_TE, dim=0) - 1 + offset_E
+        loc_TK[:, i] = cum_TE.gather(1, idx_TK[:, i : i + 1]).squeeze(1)
+        offset_E = offset_E + mask_TE.sum(0)
+    return loc_TK
+
+
+def gshard_aux_loss(probs_TE: torch.Tensor, first_choice_T: torch.Tensor) -> torch.Tensor:
+    E = probs_TE.shape[1]
+    frac_E = torch.bincount(first_choice_T, minlength=E).to(probs_TE.dtype) / first_choice_T.numel()
+    return E * torch.sum(probs_TE.mean(0) * frac_E)
+
+
+class ReferenceExperts(nn.Module):
+    """E_local experts in canonical layout, applied one expert at a time."""
+
+    def __init__(self, shape: LayerShape, num_local: int, dtype: torch.dtype):
+        super().__init__()
+        E, H, M = num_local, shape.ffn_dim, shape.model_dim
+        self.activation = shape.activation
+        self.w1_EHM = nn.Parameter(torch.zeros(E, H, M, dtype=dtype))
+        self.w2_EHM = nn.Parameter(torch.zeros(E, H, M, dtype=dtype))
+        self.w3_EHM = nn.Parameter(torch.zeros(E, H, M, dtype=dtype)) if shape.activation == "swiglu" else None
+        self.b1_EH = nn.Parameter(torch.zeros(E, H, dtype=dtype)) if shape.expert_bias else None
+        self.b2_EM = nn.Parameter(torch.zeros(E, M, dtype=dtype)) if shape.expert_bias else None
+
+    def expert(self, e: int, x_NM: torch.Tensor) -> torch.Tensor:
+        h_NH = x_NM @ self.w1_EHM[e].T
+        if self.b1_EH is not None:
+            h_NH = h_NH + self.b1_EH[e]
+        if self.activation == "swiglu":
+            h_NH = F.silu(h_NH) * (x_NM @ self.w3_EHM[e].T)
+        elif self.activation == "gelu":
+            h_NH = F.gelu(h_NH)
+        else:
+            h_NH = F.relu(h_NH)
+        y_NM = h_NH @ self.w2_EHM[e]
+        if self.b2_EM is not None:
+            y_NM = y_NM + self.b2_EM[e]
+        return y_NM
+
+
+class ReferenceMoELayer(MoELayerAdapter):
+    def __init__(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec):
+        super().__init__()
+        shape.validate()
+        self.shape, self.knobs, self.parallel = shape, knobs, parallel
+        dtype = knobs.torch_dtype
+        self.num_local = shape.num_experts // parallel.ep
+        self.ep_group, self.ep_rank = _expert_group(parallel)
+        self.gate_EM = nn.Parameter(torch.zeros(shape.num_experts, shape.model_dim, dtype=dtype))
+        self.experts = ReferenceExperts(shape, self.num_local, dtype)
+        self._stats: RoutingStats | None = None
+
+    def load_canonical(self, weights: CanonicalWeights) -> None:
+        local = weights.expert_slice(self.ep_rank * self.num_local, self.num_local)
+        with torch.no_grad():
+            self.gate_EM.copy_(weights.gate_EM)
+            for name in ("w1_EHM", "w2_EHM", "w3_EHM", "b1_EH", "b2_EM"):
+                param = getattr(self.experts, name)
+                if param is not None:
+                    param.copy_(getattr(local, name))
+
+    def route(self, x_TM: torch.Tensor):
+        """Returns probs_TE, idx_TK, gates_TK, keep_TK, capacity."""
+        E, K = self.shape.num_experts, self.shape.top_k
+        probs_TE = torch.softmax(x_TM @ self.gate_EM.T, dim=1)
+        gates_TK, idx_TK = torch.topk(probs_TE, K, dim=1)
+        if K > 1:
+            gates_TK = gates_TK / gates_TK.sum(1, keepdim=True).clamp_min(torch.finfo(gates_TK.dtype).eps)
+        cf = self.knobs.capacity_factor
+        if cf is None:
+            keep_TK = torch.ones_like(idx_TK, dtype=torch.bool)
+            capacity = None
+        else:
+            capacity = tutel_capacity(x_TM.shape[0], E, K, cf)
+            keep_TK = slot_locations(idx_TK, E) < capacity
+        return probs_TE, idx_TK, gates_TK, keep_TK, capacity
+
+    def forward(self, x_TM: torch.Tensor) -> MoEOutput:
+        E = self.shape.num_experts
+        probs_TE, idx_TK, gates_TK, keep_TK, capacity = self.route(x_TM)
+        l_aux = gshard_aux_loss(probs_TE, idx_TK[:, 0])
+        if self.parallel.ep == 1:
+            y_TM = self._local_experts(x_TM, idx_TK, gates_TK, keep_TK, first_expert=0)
+        else:
+            y_TM = self._expert_parallel(x_TM, idx_TK, gates_TK, keep_TK)
+        counts = torch.bincount(idx_TK.flatten(), minlength=E)
+        kept = int(keep_TK.sum())
+        self._stats = RoutingStats(
+            tokens_per_expert=counts.tolist(),
+            dropped=idx_TK.numel() - kept,
+            capacity=capacity,
+            l_aux=float(l_aux.detach()),
+            expert_rows_computed=kept,
+        )
+        return MoEOutput(y_TM, l_aux)
+
+    def _local_experts(self, x_TM, idx_TK, gates_TK, keep_TK, first_expert):
+        y_TM = torch.zeros(x_TM.shape[0], self.shape.model_dim, dtype=x_TM.dtype, device=x_TM.device)
+        for e in range(self.num_local):
+            token_N, choice_N = torch.nonzero((idx_TK == first_expert + e) & keep_TK, as_tuple=True)
+            if token_N.numel() == 0:
+                continue
+            out_NM = self.experts.expert(e, x_TM[token_N])
+            y_TM = y_TM.index_add(0, token_N, out_NM * gates_TK[token_N, choice_N, None])
+        return y_TM
+
+    def _expert_parallel(self, x_TM, idx_TK, gates_TK, keep_TK):
+        """Send each kept choice to its expert's rank, compute there, send back."""
+        from harness.distributed import all_to_all_uneven
+
+        token_N, choice_N = torch.nonzero(keep_TK, as_tuple=True)
+        expert_N = idx_TK[token_N, choice_N]
+        order = torch.argsort(expert_N, stable=True)
+        token_N, choice_N, expert_N = token_N[order], choice_N[order], expert_N[order]
+        dest_N = expert_N // self.num_local
+        send_counts = torch.bincount(dest_N, minlength=self.parallel.ep)
+        recv_x, recv_counts = all_to_all_uneven(x_TM[token_N], send_counts, self.ep_group)
+        recv_e, _ = all_to_all_uneven(expert_N - dest_N * self.num_local, send_counts, self.ep_group)
+        out = torch.zeros_like(recv_x)
+        for e in range(self.num_local):
+            rows = torch.nonzero(recv_e == e, as_tuple=True)[0]
+            if rows.numel():
+                out = out.index_copy(0, rows, self.experts.expert(e, recv_x[rows]))
+        back_NM, _ = all_to_all_uneven(out, recv_counts, self.ep_group)
+        y_TM = torch.zeros(x_TM.shape[0], self.shape.model_dim, dtype=x_TM.dtype, device=x_TM.device)
+        return y_TM.index_add(0, token_N, back_NM * gates_TK[token_N, choice_N, None])
+
+    def routing_stats(self) -> RoutingStats:
+        if self._stats is None:
+            raise RuntimeError("routing_stats() called before the first forward")
+        return self._stats
+
+
+def _expert_group(parallel: ParallelSpec):
+    """(group, rank within it) of the expert-parallel group this rank belongs to."""
+    if parallel.ep == 1:
+        return None, 0
+    from harness.distributed import expert_parallel_group
+
+    return expert_parallel_group(parallel.ep)
+
+
+class TorchReference(MoESystem):
+    name = "torch_reference"
+    description = "plain PyTorch loop over experts; the numerical reference"
+
+    def check_support(self, shape, knobs, parallel):
+        from systems.base import Availability
+
+        if knobs.options:
+            return Availability.no(f"torch_reference takes no options, got {sorted(knobs.options)}")
+        if parallel.tp != 1:
+            return Availability.no("torch_reference has no tensor parallelism")
+        return Availability.yes()
+
+    def build_layer(self, shape, knobs, parallel, layer_index=0):
+        return ReferenceMoELayer(shape, knobs, parallel)
