@@ -90,8 +90,11 @@ class ReferenceExperts(nn.Module):
 
 
 class ReferenceMoELayer(MoELayerAdapter):
-    def __init__(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec):
+    def __init__(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec, capacity: int | None = None):
+        """`capacity` overrides Tutel's capacity rule (used to mirror another
+        system's capacity in equivalence checks); ignored when dropless."""
         super().__init__()
+        self.capacity_override = capacity
         shape.validate()
         self.shape, self.knobs, self.parallel = shape, knobs, parallel
         dtype = knobs.torch_dtype
@@ -122,7 +125,7 @@ class ReferenceMoELayer(MoELayerAdapter):
             keep_TK = torch.ones_like(idx_TK, dtype=torch.bool)
             capacity = None
         else:
-            capacity = tutel_capacity(x_TM.shape[0], E, K, cf)
+            capacity = self.capacity_override or tutel_capacity(x_TM.shape[0], E, K, cf)
             keep_TK = slot_locations(idx_TK, E) < capacity
         return probs_TE, idx_TK, gates_TK, keep_TK, capacity
 
