@@ -1,0 +1,209 @@
+"""Turn a workload name, a flavour, field overrides and/or a TOML file into a Workload.
+
+Precedence: preset (or the config's ``base``) < config file < ``overrides``.
+
+Config file (see workloads/examples/small-moe.toml)::
+
+    name = "small-moe"            # optional; default: the file's stem (or the base's name)
+    base = "mixtral-8x7b"         # optional: start from a preset ...
+    flavor = "proxy"              # ... in this flavour (default: the flavor argument)
+    batch_size = 4                # sequences per rank per step
+    seq_len = 256
+    capacity_factor = 1.2         # a positive number, or "dropless"
+    notes = "free text"
+    [layer]   model_dim, ffn_dim, num_experts, top_k, activation, expert_bias
+    [model]   n_layers, n_heads, n_kv_heads, vocab_size, moe_every, norm, dense_ffn_dim
+
+Capacity factor: ``"dropless"`` means no capacity limit (``None`` in the
+code; TOML has no null). When the key is absent a ``base`` keeps its own
+value and a workload built from scratch is **dropless**: nothing is dropped
+unless the user asks for a capacity.
+
+Built from scratch (no ``base``, or the name ``custom``): model_dim, ffn_dim,
+num_experts and top_k are required; the rest defaults to activation "gelu",
+no expert bias, batch 4 x seq 256 (1024 tokens per rank, the proxy
+flavour's), 2 blocks all MoE, head_dim 64 (one head when 64 does not divide
+model_dim), n_kv_heads = n_heads, vocab 32000, and layernorm for GELU/ReLU
+experts or rmsnorm for SwiGLU. Its flavor is "custom".
+
+Every error is a ValueError with one line naming the file and the key.
+"""
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+
+from systems.base import LayerShape
+from workloads.flavors import get_workload
+from workloads.spec import ModelShape, Workload
+
+LAYER_FIELDS = {"model_dim": int, "ffn_dim": int, "num_experts": int, "top_k": int, "activation": str,
+                "expert_bias": bool}
+MODEL_FIELDS = {"n_layers": int, "n_heads": int, "n_kv_heads": int, "vocab_size": int, "moe_every": int,
+                "norm": str, "dense_ffn_dim": int}
+RUN_FIELDS = {"batch_size": int, "seq_len": int, "capacity_factor": float}
+TOP_LEVEL_KEYS = {"name": str, "base": str, "flavor": str, "notes": str, **RUN_FIELDS}
+REQUIRED_LAYER = ("model_dim", "ffn_dim", "num_experts", "top_k")
+DROPLESS = "dropless"
+DEFAULT_BATCH, DEFAULT_SEQ, DEFAULT_HEAD_DIM, DEFAULT_VOCAB = 4, 256, 64, 32000
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # names go into trial ids ("/"-separated)
+
+
+def _check_type(where: str, key: str, value, kind: type, coerce: bool):
+    """The value as `kind`, or ValueError naming `where`.`key`."""
+    if key == "capacity_factor":
+        if value is None or value == DROPLESS:
+            return None
+        if isinstance(value, str) and coerce:
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ValueError(f"{where}capacity_factor must be a positive number or \"dropless\", got {value!r}")
+        return float(value)
+    if coerce and isinstance(value, str) and kind is not str:
+        if kind is bool and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        elif kind is int and re.fullmatch(r"[+-]?\d+", value.strip()):
+            value = int(value)
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{where}{key} must be an integer, got {value!r}")
+    if kind is not int and not isinstance(value, kind):
+        raise ValueError(f"{where}{key} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"cannot read workload config {path}: {reason}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"invalid TOML in workload config {path}: {exc}") from None
+
+
+def _parse_config(path: Path) -> tuple[dict, dict, dict]:
+    """(top-level fields, layer fields, model fields), type-checked, unknown keys rejected."""
+    data = _read_toml(path)
+    where = f"{path}: "
+    top, layer, model = {}, {}, {}
+    for key, value in data.items():
+        if key in ("layer", "model"):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}'{key}' must be a table ([{key}]), got {value!r}")
+            fields, target = (LAYER_FIELDS, layer) if key == "layer" else (MODEL_FIELDS, model)
+            for sub, sub_value in value.items():
+                if sub not in fields:
+                    raise ValueError(f"{where}unknown key '{key}.{sub}' (allowed in [{key}]: {', '.join(fields)})")
+                target[sub] = _check_type(f"{where}{key}.", sub, sub_value, fields[sub], coerce=False)
+        elif key in TOP_LEVEL_KEYS:
+            top[key] = _check_type(where, key, value, TOP_LEVEL_KEYS[key], coerce=False)
+        else:
+            allowed = ", ".join([*TOP_LEVEL_KEYS, "[layer]", "[model]"])
+            raise ValueError(f"{where}unknown key '{key}' (allowed: {allowed})")
+    return top, layer, model
+
+
+def _split_overrides(overrides: dict) -> tuple[dict, dict, dict]:
+    run, layer, model = {}, {}, {}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue  # "not given" (an argparse default); dropless is spelled "dropless"
+        for fields, target in ((LAYER_FIELDS, layer), (MODEL_FIELDS, model), (RUN_FIELDS, run)):
+            if key in fields:
+                target[key] = _check_type("override ", key, value, fields[key], coerce=True)
+                break
+        else:
+            allowed = ", ".join([*LAYER_FIELDS, *MODEL_FIELDS, *RUN_FIELDS])
+            raise ValueError(f"unknown workload override {key!r} (allowed: {allowed})")
+    return run, layer, model
+
+
+def _from_scratch(name: str, where: str, run: dict, layer: dict, model: dict) -> Workload:
+    missing = [key for key in REQUIRED_LAYER if key not in layer]
+    if missing:
+        raise ValueError(f"{where}a custom workload needs {', '.join(REQUIRED_LAYER)}; missing {', '.join(missing)}")
+    shape = LayerShape(**{"activation": "gelu", "expert_bias": False, **layer})
+    dim = shape.model_dim
+    heads = dim // DEFAULT_HEAD_DIM if isinstance(dim, int) and dim % DEFAULT_HEAD_DIM == 0 and dim > 0 else 1
+    heads = model.get("n_heads", heads)
+    model_fields = {"n_layers": 2, "n_heads": heads, "n_kv_heads": heads, "vocab_size": DEFAULT_VOCAB,
+                    "moe_every": 1, "norm": "rmsnorm" if shape.activation == "swiglu" else "layernorm", **model}
+    return Workload(
+        name=name,
+        flavor="custom",
+        layer=shape,
+        model=ModelShape(**model_fields),
+        batch_size=run.get("batch_size", DEFAULT_BATCH),
+        seq_len=run.get("seq_len", DEFAULT_SEQ),
+        capacity_factor=run.get("capacity_factor"),
+        sources={"dims": "user-defined"},
+    )
+
+
+def _apply(workload: Workload, run: dict, layer: dict, model: dict) -> Workload:
+    return replace(
+        workload,
+        layer=replace(workload.layer, **layer),
+        model=replace(workload.model, **model),
+        **run,
+    )
+
+
+def _describe(changes: dict) -> str:
+    return ", ".join(f"{k}={'dropless' if v is None and k == 'capacity_factor' else v}" for k, v in changes.items())
+
+
+def resolve_workload(
+    name: str | None, flavor: str = "proxy", overrides: dict | None = None, config_file: str | None = None
+) -> Workload:
+    """The Workload described by a preset name or "custom", a flavour, overrides and/or a config file."""
+    o_run, o_layer, o_model = _split_overrides(overrides or {})
+    notes = []
+    if config_file is not None:
+        path = Path(config_file)
+        if name not in (None, "custom"):
+            raise ValueError(
+                f"both workload {name!r} and config {path} given; put base = \"{name}\" in the config instead"
+            )
+        top, layer, model = _parse_config(path)
+        where = f"{path}: "
+        run = {key: top[key] for key in RUN_FIELDS if key in top}
+        if "base" in top:
+            workload = _apply(get_workload(top["base"], top.get("flavor", flavor)), run, layer, model)
+            workload = replace(workload, name=top.get("name", workload.name))
+            notes.append(f"from config {path} on {top['base']}/{workload.flavor}")
+        else:
+            if "flavor" in top:
+                raise ValueError(f"{where}'flavor' needs 'base' (a workload built from scratch has flavor custom)")
+            workload = _from_scratch(top.get("name", path.stem), where, run, layer, model)
+            notes.append(f"from config {path}")
+        if "notes" in top:
+            notes.append(top["notes"])
+    elif name is None:
+        raise ValueError("no workload given: name a preset, 'custom', or pass a config file")
+    elif name == "custom":
+        where = ""
+        workload = _from_scratch("custom", "", o_run, o_layer, o_model)
+    else:
+        where = ""
+        workload = get_workload(name, flavor)
+    if name != "custom" or config_file is not None:
+        workload = _apply(workload, o_run, o_layer, o_model)
+        if o_run or o_layer or o_model:
+            notes.append(f"overridden: {_describe({**o_layer, **o_model, **o_run})}")
+    if notes:
+        workload = replace(workload, notes="; ".join(filter(None, [workload.notes, *notes])))
+    if not NAME_PATTERN.match(workload.name):
+        raise ValueError(f"{where}workload name {workload.name!r} must be letters, digits, '.', '_', '+' or '-'")
+    try:
+        workload.validate()
+    except ValueError as exc:
+        raise ValueError(f"{where}{exc}") from None
+    return workload
