@@ -1,0 +1,378 @@
+"""The trial child: ``python -m harness.trial SPEC.json OUT.json``.
+
+One trial round in a fresh process (peer packages keep global state such as
+DeepSpeed's expert-group registry), under torchrun when the spec has more
+than one rank. The child never lets an exception escape: every outcome is a
+status (ok, skipped, error, oom, nonfinite) in the result file, which local
+rank 0 of node 0's launch writes atomically, once. A rank that fails writes
+``OUT.json.rank<N>`` instead and exits non-zero, so torchrun stops the others
+and the parent can still say why. (timeout is decided by the parent.)
+
+Timing: warm-up steps, then timed steps; with several ranks a barrier
+precedes every timed step, every rank times its own step, and the step time
+is the slowest rank's. Backward passes use a fixed contiguous upstream
+gradient (a ``.sum()`` gradient is a stride-0 tensor that sends bmm down a
+slow path). ``forward`` mode is the forward half of a training step
+(autograd records the graph, nothing is backpropagated).
+
+Legend: T tokens, M model dim.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from harness.trial_spec import TrialSpec
+
+TRACEBACK_LINES = 6  # last lines of a traceback kept in an error message
+LAYER_SGD_LR = 1e-4
+MODEL_ADAMW_LR = 1e-4
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced NaN or inf."""
+
+
+# ----------------------------------------------------------------- helpers
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def global_rank() -> int:
+    return _env_int("RANK", 0)
+
+
+def local_rank() -> int:
+    return _env_int("LOCAL_RANK", 0)
+
+
+def is_writer(spec: TrialSpec) -> bool:
+    """Local rank 0 of node 0's launch (c10d rendezvous orders nodes by itself, not by --node-rank)."""
+    return spec.launcher_node_rank == 0 and local_rank() == 0
+
+
+def default_threads(spec: TrialSpec) -> int:
+    """Cores of this machine shared by the ranks placed on it."""
+    if spec.parallel.threads_per_rank:
+        return spec.parallel.threads_per_rank
+    ranks_here = _env_int("LOCAL_WORLD_SIZE", spec.parallel.world_size // spec.parallel.nnodes)
+    return max(1, len(os.sched_getaffinity(0)) // max(1, ranks_here))
+
+
+def write_json_atomic(data: dict, path: str | Path) -> None:
+    """Temp file in the same directory, then os.replace: never half-written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """One line naming the exception, then the traceback's last lines."""
+    head = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    tail = "".join(traceback.format_exception(exc)).rstrip().splitlines()[-TRACEBACK_LINES:]
+    return head + "\n" + "\n".join(tail)
+
+
+def classify(exc: BaseException) -> str:
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
+        return "oom"
+    if isinstance(exc, NonFiniteError):
+        return "nonfinite"
+    return "error"
+
+
+def peak_memory_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _fault_here(spec: TrialSpec, fault: str) -> bool:
+    return spec.fault == fault and (spec.fault_rank is None or spec.fault_rank == global_rank())
+
+
+def _apply_fault(spec: TrialSpec) -> None:
+    """Test hook: fail on purpose (spec.fault), after the process group exists."""
+    if _fault_here(spec, "raise"):
+        raise RuntimeError(f"fault injected by the trial spec on rank {global_rank()} (test hook)")
+    if _fault_here(spec, "hang"):
+        while True:
+            time.sleep(1)
+
+
+def _ensure_finite(*tensors: torch.Tensor | None) -> None:
+    for t in tensors:
+        if t is not None and not bool(torch.isfinite(t.detach()).all()):
+            raise NonFiniteError(f"non-finite values in a step's output (shape {tuple(t.shape)})")
+
+
+def _gather(value):
+    """Every rank's `value`, in rank order ([value] without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+# ----------------------------------------------------------------- workloads
+
+class Bench:
+    """What one level needs to run: a step function, stats, FLOPs and a finiteness probe."""
+
+    def __init__(self, step: Callable[[], torch.Tensor], after: Callable[[], None], routing: Callable[[], dict],
+                 phase_times: Callable[[], dict | None], flops: Callable[[dict], dict], tokens: int):
+        self.step, self.after, self.routing, self.phase_times, self.flops = step, after, routing, phase_times, flops
+        self.tokens = tokens
+
+
+def _backward(out, dy_TM: torch.Tensor) -> None:
+    """y with the fixed upstream gradient, plus the aux loss when the adapter returns one with a graph."""
+    from workloads.model import AUX_LOSS_COEF
+
+    tensors, grads = [out.y_TM], [dy_TM]
+    if out.l_aux is not None and out.l_aux.requires_grad:
+        tensors.append(out.l_aux)
+        grads.append(torch.full_like(out.l_aux, AUX_LOSS_COEF))
+    torch.autograd.backward(tensors, grads)
+
+
+def build_layer_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict | None]:
+    from harness import flops
+    from harness.equivalence import check_against_reference
+    from workloads.routing import make_layer_inputs
+
+    shape, knobs, parallel = spec.workload.layer, spec.knobs, spec.parallel
+    T, rank = spec.workload.tokens_per_step, global_rank()
+    x_TM, weights = make_layer_inputs(shape, T, spec.routing, knobs.seed, rank=rank, dtype=knobs.torch_dtype)
+    x_TM, weights = x_TM.to(device), weights.to(device=device)
+    layer = system.build_layer(shape, knobs, parallel)
+    layer.load_canonical(weights)
+    check = None
+    if spec.check:
+        check = check_against_reference(layer, shape, knobs, parallel, weights, x_TM, seed=knobs.seed).to_dict()
+        layer.zero_grad(set_to_none=True)
+
+    gen = torch.Generator().manual_seed(knobs.seed * 7919 + rank)
+    dy_TM = torch.randn(T, shape.model_dim, generator=gen, dtype=torch.float64).to(knobs.torch_dtype).to(device)
+    x_TM = x_TM.detach().requires_grad_(True)
+    poison = _fault_here(spec, "nonfinite")
+    opt = torch.optim.SGD(layer.parameters(), lr=LAYER_SGD_LR) if spec.mode == "train" else None
+
+    def step() -> torch.Tensor:
+        out = layer(x_TM * float("nan") if poison else x_TM)
+        if spec.mode != "forward":
+            _backward(out, dy_TM)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return out.y_TM
+
+    def after() -> None:
+        x_TM.grad = None
+        if opt is None:
+            layer.zero_grad(set_to_none=True)
+
+    def routing() -> dict:
+        return layer.routing_stats().to_dict()
+
+    return Bench(step, after, routing, layer.phase_times,
+                 lambda r: flops.layer_flops(shape, T, r, spec.mode), T), check
+
+
+def build_model_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict | None]:
+    from harness import flops
+    from harness.equivalence import check_against_reference
+    from systems.base import CanonicalWeights
+    from workloads.model import build_model, make_batch, moe_block_indices
+    from workloads.routing import make_layer_inputs
+
+    workload, knobs, parallel = spec.workload, spec.knobs, spec.parallel
+    rank = global_rank()
+    model = build_model(workload, system, knobs, parallel, seed=knobs.seed)
+    check = None
+    if spec.check:
+        # The first MoE block's layer, checked at layer level on the weights build_model loaded into it.
+        first = moe_block_indices(workload.model.n_layers, workload.model.moe_every)[0]
+        weights = CanonicalWeights.random(workload.layer, seed=knobs.seed * 1000 + first)
+        weights = weights.to(dtype=knobs.torch_dtype, device=device)
+        x_TM, _ = make_layer_inputs(workload.layer, workload.tokens_per_step, spec.routing, knobs.seed, rank=rank,
+                                    dtype=knobs.torch_dtype)
+        layer = model.moe_layers[0]
+        check = check_against_reference(layer, workload.layer, knobs, parallel, weights, x_TM.to(device),
+                                        seed=knobs.seed).to_dict()
+        model.zero_grad(set_to_none=True)
+
+    tokens_BS, targets_BS = make_batch(workload, knobs.seed, rank=rank, device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=MODEL_ADAMW_LR) if spec.mode == "train" else None
+    poison = _fault_here(spec, "nonfinite")
+
+    def step() -> torch.Tensor:
+        loss, _ = model.loss(tokens_BS, targets_BS)
+        if poison:
+            loss = loss * float("nan")
+        if spec.mode != "forward":
+            loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+
+    def after() -> None:
+        if opt is None:
+            model.zero_grad(set_to_none=True)
+
+    def routing() -> dict:
+        per_layer = [layer.routing_stats().to_dict() for layer in model.moe_layers]
+        return {**per_layer[0], "per_layer": per_layer}
+
+    def phase_times() -> dict | None:
+        return model.moe_layers[0].phase_times()
+
+    def model_flops(r: dict) -> dict:
+        return flops.model_flops(workload, r["per_layer"], spec.mode)
+
+    return Bench(step, after, routing, phase_times, model_flops, workload.tokens_per_step), check
+
+
+# ----------------------------------------------------------------- the round
+
+def _median_phases(samples: list[dict]) -> dict | None:
+    samples = [s for s in samples if s]
+    if not samples:
+        return None
+    return {k: statistics.median(s[k] for s in samples if k in s) for k in samples[0]}
+
+
+def _timed_steps(spec: TrialSpec, bench: Bench, device: str) -> tuple[list[float], list[dict]]:
+    from harness.timing import StepTimer
+
+    timer = StepTimer(device)
+    distributed = dist.is_available() and dist.is_initialized()
+    for _ in range(spec.warmup):
+        _ensure_finite(bench.step())
+        bench.after()
+    samples, phases = [], []
+    for _ in range(spec.steps):
+        if distributed:
+            dist.barrier()
+        result, seconds = timer.time(bench.step)
+        _ensure_finite(result)
+        phases.append(bench.phase_times())
+        bench.after()
+        samples.append(seconds)
+    return samples, phases
+
+
+def run_trial(spec: TrialSpec) -> dict:
+    """One round of `spec` in this process; every outcome becomes a result dict."""
+    from harness.timing import StepTimer, calibration_seconds
+
+    started = time.perf_counter()
+    device = spec.knobs.device
+    result: dict = {
+        "status": "ok", "message": "", "samples_s": [], "per_rank_samples_s": None,
+        "calibration_before_s": None, "calibration_after_s": None, "routing_stats": None,
+        "phase_times_s": None, "check": None, "peak_memory_bytes": None, "flops": None,
+        "tokens_per_step": None, "timer": StepTimer(device).name, "threads": None, "wall_s": None,
+        "rank": global_rank(),
+    }
+    system = None
+    try:
+        spec.validate()
+        threads = default_threads(spec)
+        torch.set_num_threads(threads)
+        result["threads"] = threads
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local_rank())
+            torch.cuda.reset_peak_memory_stats()
+        from systems import get_system
+
+        system = get_system(spec.system)
+        support = system.check_support(spec.workload.layer, spec.knobs, spec.parallel)
+        if not support.ok:
+            result.update(status="skipped", message=support.reason)
+            return result
+        system.init_distributed(spec.parallel)
+        _apply_fault(spec)
+        calibration_before = calibration_seconds(device)
+        build = build_layer_bench if spec.level == "layer" else build_model_bench
+        bench, check = build(spec, system, device)
+        samples, phases = _timed_steps(spec, bench, device)
+        calibration_after = calibration_seconds(device)
+        routing = bench.routing()
+        flops = bench.flops(routing)
+
+        mine = {"samples": samples, "cal": (calibration_before, calibration_after), "flops": flops,
+                "memory": peak_memory_bytes(device), "tokens": bench.tokens}
+        everyone = _gather(mine)
+        per_rank = [r["samples"] for r in everyone]
+        result.update(
+            samples_s=[max(step) for step in zip(*per_rank, strict=True)],
+            per_rank_samples_s=per_rank if len(per_rank) > 1 else None,
+            calibration_before_s=max(r["cal"][0] for r in everyone),
+            calibration_after_s=max(r["cal"][1] for r in everyone),
+            routing_stats=routing,
+            phase_times_s=_median_phases(phases),
+            check=check,
+            peak_memory_bytes=max(r["memory"] for r in everyone),
+            flops=_sum_flops([r["flops"] for r in everyone]),
+            tokens_per_step=sum(r["tokens"] for r in everyone),
+        )
+    except Exception as exc:  # noqa: BLE001 - every failure must become a status, never a lost round
+        result.update(status=classify(exc), message=describe_exception(exc))
+    finally:
+        result["wall_s"] = time.perf_counter() - started
+        if system is not None and result["status"] == "ok":
+            _teardown(system)
+    return result
+
+
+def _sum_flops(per_rank: list[dict]) -> dict:
+    """Rank 0's FLOP dict with "executed" and "useful" summed over ranks (None stays None: unknown)."""
+    total = dict(per_rank[0])
+    for key in ("executed", "useful"):
+        values = [r.get(key) for r in per_rank]
+        total[key] = None if any(v is None for v in values) else float(sum(values))
+    return total
+
+
+def _teardown(system) -> None:
+    system.teardown()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m harness.trial SPEC.json OUT.json", file=sys.stderr)
+        return 2
+    spec_path, out_path = argv
+    spec = TrialSpec.from_json(Path(spec_path).read_text())
+    result = run_trial(spec)
+    failed = result["status"] not in ("ok", "skipped")
+    if is_writer(spec):
+        write_json_atomic(result, out_path)
+    elif failed:
+        write_json_atomic(result, f"{out_path}.rank{global_rank()}")
+    if failed:
+        print(f"trial {spec.system} rank {global_rank()}: {result['status']}: {result['message']}", file=sys.stderr)
+    # Non-zero on failure so torchrun stops the other ranks instead of leaving them in a collective.
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
