@@ -1,0 +1,78 @@
+"""`moebench list`: which systems can run here (and why not), and the workloads with their key dimensions."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+
+NAME = "list"
+HELP = "list systems (available here or not, and why) and workloads with their flavours and dimensions"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+
+
+def system_rows() -> list[dict]:
+    """One row per registered system; a system whose adapter cannot even be imported is 'no', with the reason."""
+    import systems
+
+    rows = []
+    for name in systems.system_names():
+        try:
+            available = systems.availability(name)
+            ok, reason = available.ok, available.reason
+        except Exception as exc:  # a peer package can fail at import in many ways; report it, never crash
+            ok, reason = False, f"availability check failed: {type(exc).__name__}: {exc}"
+        try:
+            description = systems.load_system_class(name).description
+        except Exception:  # already explained in the reason above
+            description = ""
+        rows.append({"name": name, "available": ok, "reason": reason, "description": description})
+    return rows
+
+
+def workload_rows() -> list[dict]:
+    from workloads.flavors import get_workload, workload_names
+    from workloads.spec import FLAVORS
+
+    rows = []
+    for name in workload_names():
+        for flavor in FLAVORS:
+            wl = get_workload(name, flavor)
+            layer, model = wl.layer, wl.model
+            rows.append({
+                "workload": name, "flavor": flavor, "M": layer.model_dim, "H": layer.ffn_dim,
+                "E": layer.num_experts, "k": layer.top_k, "activation": layer.activation,
+                "tokens_per_step": wl.tokens_per_step, "batch_size": wl.batch_size, "seq_len": wl.seq_len,
+                "layers": model.n_layers, "moe_layers": model.n_layers // model.moe_every,
+                "heads": model.n_heads, "kv_heads": model.n_kv_heads, "vocab": model.vocab_size,
+                "capacity_factor": wl.capacity_factor,
+            })
+    return rows
+
+
+def _text_table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[("yes" if v is True else "no" if v is False else str(v)) for v in (r[c] for c in columns)] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Peer packages log to stdout while importing (deepspeed's accelerator notice); keep stdout for our output.
+    with contextlib.redirect_stdout(sys.stderr):
+        system_info = system_rows()
+    workload_info = workload_rows()
+    if args.json:
+        print(json.dumps({"systems": system_info, "workloads": workload_info}, indent=1))
+        return 0
+    print("Systems")
+    print(_text_table(system_info, ["name", "available", "reason", "description"]))
+    print()
+    print("Workloads (M model dim, H expert hidden, E experts, k top-k; tokens per rank per step)")
+    print(_text_table(workload_info, ["workload", "flavor", "M", "H", "E", "k", "activation", "tokens_per_step",
+                                      "layers", "moe_layers", "capacity_factor"]))
+    return 0

@@ -1,0 +1,390 @@
+"""Turn results files into the comparison tables (Markdown + CSV) and a bar chart.
+
+Why this shape: a reader compares systems side by side on identical work, so
+rows are the work (workload, flavour, level, mode, routing, parallel layout,
+dtype, capacity factor) and columns are systems. Every table carries what is
+needed to judge it: the machine, the code commit, the date, the timing method
+and the exact command that produced the numbers. A system whose output failed
+the equivalence check does not get a speedup unless asked for explicitly.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import schema, stats
+from harness.errors import UsageError
+
+KEY_COLUMNS = ["workload", "flavor", "level", "mode", "routing", "ws", "ep", "dtype", "cf"]
+DEFAULT_BASELINES = ("tutel_native", "torch_reference")
+CHECK_FAILED_MARK = "†"
+MISSING = "—"
+CONFIDENCE = 0.95
+N_BOOT = 2000
+BOOT_SEED = 0
+LOG_SCALE_RANGE = 30  # use a log y-axis when the slowest bar is this many times the fastest
+
+
+@dataclass
+class ReportOptions:
+    paths: list[str] = field(default_factory=lambda: ["results"])
+    baseline: str | None = None
+    out_dir: str = "reports"
+    include_unchecked: bool = False
+    title: str = "moebench"
+    command_line: list[str] = field(default_factory=list)  # the report command itself, for the footer
+
+
+@dataclass
+class Report:
+    iteration_markdown: str
+    speedup_markdown: str
+    written: list[Path]
+    baseline: str | None
+
+
+# ---------------------------------------------------------------- loading
+
+def find_result_files(paths: list[str]) -> list[Path]:
+    """Results files named directly, plus every *.json under named directories."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*.json") if p.is_file())
+            if not found:
+                raise UsageError(f"no results files (*.json) found under {path}/")
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise UsageError(f"no results found: {path} does not exist")
+    if not files:
+        raise UsageError("no results files given")
+    return list(dict.fromkeys(files))
+
+
+def _format_cf(knobs: dict) -> str:
+    cf = (knobs or {}).get("capacity_factor")
+    return "dropless" if cf is None else f"{cf:g}"
+
+
+def _trial_row(doc: dict, trial: dict) -> dict:
+    summary = trial.get("summary") or {}
+    check = trial.get("check")
+    to_ms = 1000.0
+    return {
+        "run_id": doc["run_id"], "created_utc": doc["created_utc"], "id": trial["id"], "system": trial["system"],
+        "workload": trial["workload"], "flavor": trial["flavor"], "level": trial["level"], "mode": trial["mode"],
+        "routing": trial["routing"], "ws": trial["parallel"]["world_size"], "ep": trial["parallel"]["ep"],
+        "dtype": trial["dtype"], "cf": _format_cf(trial.get("knobs")), "status": trial["status"],
+        "message": trial["message"],
+        "n": summary.get("n"),
+        "median_ms": summary["median"] * to_ms if summary else None,
+        "q1_ms": summary["q1"] * to_ms if summary else None,
+        "q3_ms": summary["q3"] * to_ms if summary else None,
+        "iqr_ms": summary["iqr"] * to_ms if summary else None,
+        "outliers": (summary["outliers_low"] + summary["outliers_high"]) if summary else None,
+        "check_passed": None if check is None else bool(check["passed"]),
+        "samples_s": list(trial["samples_s"]),
+    }
+
+
+def trials_frame(docs: list[dict]):
+    """All trials as one pandas frame; when a trial id appears in several runs the newest run wins.
+
+    Returns (frame, number of superseded trials).
+    """
+    import pandas as pd
+
+    rows = [_trial_row(doc, trial) for doc in docs for trial in doc["trials"]]
+    if not rows:
+        raise UsageError("the results files contain no trials")
+    frame = pd.DataFrame(rows).sort_values(["created_utc", "run_id"], kind="stable")
+    newest = frame.drop_duplicates(subset="id", keep="last")
+    return newest.reset_index(drop=True), len(frame) - len(newest)
+
+
+# ---------------------------------------------------------------- tables
+
+def format_ms(value: float, like: float | None = None) -> str:
+    """About three significant figures, chosen from `like` (the median) so a cell's two numbers align."""
+    ref = abs(like if like is not None else value)
+    decimals = 0 if ref >= 100 else 1 if ref >= 10 else 2 if ref >= 1 else 3
+    return f"{value:.{decimals}f}"
+
+
+def _system_order(frame, baseline: str | None) -> list[str]:
+    systems = sorted(frame["system"].unique())
+    if baseline in systems:
+        systems.remove(baseline)
+        systems.insert(0, baseline)
+    return systems
+
+
+def _row_keys(frame) -> list[tuple]:
+    return sorted({tuple(r) for r in frame[KEY_COLUMNS].itertuples(index=False)}, key=lambda k: tuple(map(str, k)))
+
+
+def _by_key(frame) -> dict[tuple, dict[str, dict]]:
+    table: dict[tuple, dict[str, dict]] = {}
+    for record in frame.to_dict("records"):
+        table.setdefault(tuple(record[c] for c in KEY_COLUMNS), {})[record["system"]] = record
+    return table
+
+
+def iteration_cell(record: dict | None) -> str:
+    if record is None:
+        return MISSING
+    if record["status"] != "ok":
+        return record["status"]
+    cell = f"{format_ms(record['median_ms'])} ± {format_ms(record['iqr_ms'], like=record['median_ms'])}"
+    return cell + (f" {CHECK_FAILED_MARK}" if record["check_passed"] is False else "")
+
+
+def iteration_table(frame, systems: list[str]) -> list[list[str]]:
+    """Rows of display strings: key columns then one cell per system."""
+    by_key = _by_key(frame)
+    return [[str(v) for v in key] + [iteration_cell(by_key[key].get(s)) for s in systems] for key in _row_keys(frame)]
+
+
+@dataclass
+class SpeedupCell:
+    text: str
+    speedup: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    marked: bool = False
+
+
+def speedup_cell(base: dict | None, record: dict | None, is_baseline: bool, include_unchecked: bool) -> SpeedupCell:
+    if record is None:
+        return SpeedupCell(MISSING)
+    if record["status"] != "ok":
+        return SpeedupCell(record["status"])
+    if base is None:
+        return SpeedupCell("no baseline")
+    if base["status"] != "ok":
+        return SpeedupCell(f"baseline {base['status']}")
+    unchecked = record["check_passed"] is False or base["check_passed"] is False
+    if unchecked and not include_unchecked:
+        return SpeedupCell("check failed" if record["check_passed"] is False else "baseline check failed")
+    mark = f" {CHECK_FAILED_MARK}" if unchecked else ""
+    if is_baseline:
+        return SpeedupCell(f"1.00 (baseline){mark}", 1.0, 1.0, 1.0, unchecked)
+    ratio = base["median_ms"] / record["median_ms"]
+    if min(len(base["samples_s"]), len(record["samples_s"])) < 2:
+        return SpeedupCell(f"{ratio:.2f}{mark}", ratio, None, None, unchecked)
+    low, high = stats.bootstrap_ratio_ci(base["samples_s"], record["samples_s"], CONFIDENCE, N_BOOT, BOOT_SEED)
+    return SpeedupCell(f"{ratio:.2f} [{low:.2f}, {high:.2f}]{mark}", ratio, low, high, unchecked)
+
+
+def speedup_cells(frame, systems: list[str], baseline: str, include_unchecked: bool) -> dict[tuple, dict]:
+    by_key = _by_key(frame)
+    return {
+        key: {s: speedup_cell(by_key[key].get(baseline), by_key[key].get(s), s == baseline, include_unchecked)
+              for s in systems}
+        for key in _row_keys(frame)
+    }
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+# ---------------------------------------------------------------- footers
+
+def _machine(env: dict) -> str:
+    gpu = env.get("gpu")
+    gpu_text = "none" if gpu is None else f"{gpu.get('count')} x {gpu.get('name')} (CUDA {gpu.get('cuda')})"
+    return (f"{env['cpu_model']}, {env['cpu_count']} CPUs, torch threads {env['torch_threads']}, GPU {gpu_text}, "
+            f"host {env['hostname']}, torch {env['torch']}")
+
+
+def _method(method: dict) -> str:
+    text = (f"timer {method['timer']}; warm-up {method['warmup']} steps; {method['steps']} timed steps x "
+            f"{method['rounds']} rounds; systems interleaved across rounds: {'yes' if method['interleaved'] else 'no'}"
+            f"; calibration: {method['calibration']}")
+    return text + (f"; {method['notes']}" if method.get("notes") else "")
+
+
+def _git(git: dict) -> str:
+    if git.get("commit") is None:
+        return "not a git checkout"
+    return git["commit"][:12] + (" (dirty: uncommitted changes)" if git.get("dirty") else "")
+
+
+def _distinct(docs: list[dict], describe) -> list[str]:
+    """Each distinct description once; with several, name the runs each applies to."""
+    groups: dict[str, list[str]] = {}
+    for doc in docs:
+        groups.setdefault(describe(doc), []).append(doc["run_id"])
+    if len(groups) == 1:
+        return list(groups)
+    return [f"{text} (runs {', '.join(ids)})" for text, ids in groups.items()]
+
+
+def provenance(docs: list[dict], frame, superseded: int, report_command: list[str]) -> str:
+    """Machine, code, date, method and commands behind the shown trials, as a Markdown list."""
+    used = set(frame["run_id"])
+    docs = sorted((d for d in docs if d["run_id"] in used), key=lambda d: (d["created_utc"], d["run_id"]))
+    lines = ["**Provenance**", ""]
+    lines += [f"- machine: {text}" for text in _distinct(docs, lambda d: _machine(d["environment"]))]
+    lines += [f"- code: git {text}" for text in _distinct(docs, lambda d: _git(d["git"]))]
+    lines += [f"- method: {text}" for text in _distinct(docs, lambda d: _method(d["method"]))]
+    for doc in docs:
+        count = int((frame["run_id"] == doc["run_id"]).sum())
+        lines.append(f"- run `{doc['run_id']}` ({doc['created_utc']}, {count} trial(s) shown): "
+                     f"`{shlex.join(doc['command_line'])}`")
+    if superseded:
+        lines.append(f"- {superseded} trial(s) also appeared in an older run; the newest run's result is shown.")
+    else:
+        lines.append("- When several runs contain the same trial id, the newest run's result is shown (none here).")
+    if report_command:
+        lines.append(f"- report: `{shlex.join(report_command)}`")
+    return "\n".join(lines)
+
+
+ITERATION_LEGEND = (
+    "Cells: median step time in ms ± the interquartile range (q3 − q1, in ms; not a standard deviation), over all "
+    "timed steps pooled across rounds; a step's time is its slowest rank's. A status word (skipped, error, timeout, "
+    f"oom, nonfinite) means the trial produced no time (see the CSV's message column); {MISSING} means not run; "
+    f"{CHECK_FAILED_MARK} marks a system whose output failed the equivalence check against the reference."
+)
+
+
+def speedup_legend(baseline: str, include_unchecked: bool) -> str:
+    text = (f"Speedup = {baseline} median / system median (above 1: faster than {baseline}); [low, high] is a "
+            f"{CONFIDENCE:.0%} percentile-bootstrap interval of that ratio of medians ({N_BOOT} resamples, "
+            f"seed {BOOT_SEED}; shown when both trials have at least 2 samples). ")
+    if include_unchecked:
+        return text + f"{CHECK_FAILED_MARK}: the output failed the equivalence check; shown on request anyway."
+    return text + ("'check failed': left out because its output differed from the reference "
+                   "(--include-unchecked shows it, marked).")
+
+
+# ---------------------------------------------------------------- chart
+
+def _tick_label(key: tuple) -> str:
+    row = dict(zip(KEY_COLUMNS, key, strict=True))
+    cf = row["cf"] if row["cf"] == "dropless" else f"cf{row['cf']}"
+    return (f"{row['workload']}/{row['flavor']}\n{row['level']} {row['mode']}\n"
+            f"{row['routing']} ws{row['ws']}-ep{row['ep']} {row['dtype']} {cf}")
+
+
+def plot_iteration_times(frame, systems: list[str], path: Path, title: str) -> Path:
+    """Grouped bars (one group per work row, one bar per system), error bars spanning q1..q3."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = frame[frame["status"] == "ok"]
+    by_key = _by_key(ok)
+    keys = _row_keys(ok)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(keys) * max(1, len(systems)) ** 0.5 + 2), 4.5))
+    if not keys:
+        ax.text(0.5, 0.5, "no successful trials", ha="center", va="center", transform=ax.transAxes)
+    width = 0.8 / max(1, len(systems))
+    for j, system in enumerate(systems):
+        xs, heights, err_low, err_high, marks = [], [], [], [], []
+        for i, key in enumerate(keys):
+            record = by_key[key].get(system)
+            if record is None:
+                continue
+            xs.append(i - 0.4 + width * (j + 0.5))
+            heights.append(record["median_ms"])
+            err_low.append(record["median_ms"] - record["q1_ms"])
+            err_high.append(record["q3_ms"] - record["median_ms"])
+            marks.append(record["check_passed"] is False)
+        if xs:
+            ax.bar(xs, heights, width, yerr=[err_low, err_high], capsize=3, label=system)
+            for x, height, failed in zip(xs, heights, marks, strict=True):
+                if failed:
+                    ax.annotate(CHECK_FAILED_MARK, (x, height), ha="center", va="bottom", fontsize=10)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([_tick_label(k) for k in keys], fontsize=7)
+    ax.set_ylabel("median step time (ms); error bars: q1..q3")
+    if (ok["check_passed"] == False).any():  # noqa: E712 (pandas element-wise comparison)
+        ax.text(0.99, 0.01, f"{CHECK_FAILED_MARK} equivalence check failed", ha="right", va="bottom",
+                transform=ax.transAxes, fontsize=7)
+    medians = ok["median_ms"].tolist()
+    if medians and max(medians) / min(medians) > LOG_SCALE_RANGE:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    if keys:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- the report
+
+def choose_baseline(frame, requested: str | None) -> str | None:
+    present = set(frame["system"])
+    if requested is not None:
+        if requested not in present:
+            raise UsageError(f"baseline system {requested!r} is not in the results; "
+                             f"systems present: {', '.join(sorted(present))}")
+        return requested
+    return next((name for name in DEFAULT_BASELINES if name in present), None)
+
+
+def _csv_iteration(frame):
+    columns = ["id", *KEY_COLUMNS, "system", "status", "n", "median_ms", "q1_ms", "q3_ms", "iqr_ms", "outliers",
+               "check_passed", "run_id", "created_utc", "message"]
+    table = frame[columns].sort_values(["id"])
+    return table.astype({"n": "Int64", "outliers": "Int64", "check_passed": "boolean"})
+
+
+def _csv_speedup(cells: dict, baseline: str):
+    import pandas as pd
+
+    rows = [dict(zip(KEY_COLUMNS, key, strict=True)) | {
+        "system": system, "baseline": baseline, "speedup": cell.speedup, "ci_low": cell.ci_low,
+        "ci_high": cell.ci_high, "check_failed_shown": cell.marked, "cell": cell.text}
+        for key, per_system in cells.items() for system, cell in per_system.items()]
+    return pd.DataFrame(rows, columns=[*KEY_COLUMNS, "system", "baseline", "speedup", "ci_low", "ci_high",
+                                       "check_failed_shown", "cell"])
+
+
+def build_report(options: ReportOptions) -> Report:
+    docs = [schema.load(path) for path in find_result_files(options.paths)]
+    frame, superseded = trials_frame(docs)
+    baseline = choose_baseline(frame, options.baseline)
+    systems = _system_order(frame, baseline)
+    out_dir = Path(options.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    footer = provenance(docs, frame, superseded, options.command_line)
+
+    header = [*KEY_COLUMNS, *systems]
+    iteration_md = "\n\n".join([
+        f"# {options.title}: iteration time (ms)", markdown_table(header, iteration_table(frame, systems)),
+        ITERATION_LEGEND, footer]) + "\n"
+    written = [out_dir / "iteration_time.md", out_dir / "iteration_time.csv"]
+    written[0].write_text(iteration_md, encoding="utf-8")
+    _csv_iteration(frame).to_csv(written[1], index=False)
+
+    if baseline is None:
+        speedup_md = (f"# {options.title}: speedup\n\nNo speedup table: none of the default baselines "
+                      f"({', '.join(DEFAULT_BASELINES)}) is in the results; pick one with --baseline.\n")
+        cells = {}
+    else:
+        cells = speedup_cells(frame, systems, baseline, options.include_unchecked)
+        rows = [[str(v) for v in key] + [cells[key][s].text for s in systems] for key in cells]
+        speedup_md = "\n\n".join([
+            f"# {options.title}: speedup over {baseline}", markdown_table(header, rows),
+            speedup_legend(baseline, options.include_unchecked), footer]) + "\n"
+    written += [out_dir / "speedup.md", out_dir / "speedup.csv"]
+    written[2].write_text(speedup_md, encoding="utf-8")
+    _csv_speedup(cells, baseline or "").to_csv(written[3], index=False)
+    written.append(plot_iteration_times(frame, systems, out_dir / "iteration_time.png", options.title))
+    return Report(iteration_md, speedup_md, written, baseline)
