@@ -1,0 +1,100 @@
+"""torch_reference with expert parallelism (gloo ranks) against a single process holding all experts.
+
+For each rank's own tokens and upstream gradient: the output, the input
+gradient and the (replicated) gate gradient equal the single-process
+reference's; each rank's expert-weight gradient equals the sum, over the
+ranks of its expert-parallel group, of the single-process gradients of
+those experts (data-parallel replicas are summed by the trainer, not here).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from systems.base import LayerShape, MoEKnobs, ParallelSpec
+from systems.torch_reference import ReferenceMoELayer
+from workloads.routing import make_layer_inputs
+
+SHAPE = LayerShape(model_dim=8, ffn_dim=6, num_experts=4, top_k=2, activation="swiglu")
+TOKENS, SEED = 24, 7
+EXPERT_PARAMS = ("w1_EHM", "w2_EHM", "w3_EHM")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_inputs(rank: int):
+    x_TM, weights = make_layer_inputs(SHAPE, TOKENS, "learned", SEED, rank=rank, dtype=torch.float64)
+    dy_TM = torch.randn(TOKENS, SHAPE.model_dim, generator=torch.Generator().manual_seed(100 + rank),
+                        dtype=torch.float64)
+    return x_TM, weights, dy_TM
+
+
+def run_layer(parallel: ParallelSpec, cf, rank: int):
+    """(y, dx, gate grad, expert grads) of a reference layer on `rank`'s tokens."""
+    x_TM, weights, dy_TM = rank_inputs(rank)
+    layer = ReferenceMoELayer(SHAPE, MoEKnobs(capacity_factor=cf, dtype="float64"), parallel)
+    layer.load_canonical(weights)
+    x = x_TM.clone().requires_grad_(True)
+    y_TM = layer(x).y_TM
+    (y_TM * dy_TM).sum().backward()
+    experts = {name: getattr(layer.experts, name).grad for name in EXPERT_PARAMS}
+    return y_TM.detach(), x.grad, layer.gate_EM.grad, experts, layer.routing_stats()
+
+
+def rel_err(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def worker(rank: int, world: int, ep: int, port: int, out_dir: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        errors = {}
+        for cf in (None, 0.5):
+            parallel = ParallelSpec(world_size=world, ep=ep)
+            y, dx, dgate, dexperts, stats = run_layer(parallel, cf, rank)
+            y_ref, dx_ref, dgate_ref, _, stats_ref = run_layer(ParallelSpec(), cf, rank)
+            group_first = rank // ep * ep
+            group_sum = None
+            for peer in range(group_first, group_first + ep):
+                peer_grads = run_layer(ParallelSpec(), cf, peer)[3]
+                group_sum = peer_grads if group_sum is None else {n: group_sum[n] + peer_grads[n] for n in group_sum}
+            local = SHAPE.num_experts // ep
+            first = rank % ep * local
+            tag = "dropless" if cf is None else f"cf{cf}"
+            errors[f"{tag}/y"] = rel_err(y, y_ref)
+            errors[f"{tag}/dx"] = rel_err(dx, dx_ref)
+            errors[f"{tag}/dgate"] = rel_err(dgate, dgate_ref)
+            for name in EXPERT_PARAMS:
+                errors[f"{tag}/{name}"] = rel_err(dexperts[name], group_sum[name][first : first + local])
+            errors[f"{tag}/counts_equal"] = 0.0 if stats.tokens_per_expert == stats_ref.tokens_per_expert else 1.0
+            errors[f"{tag}/dropped_equal"] = 0.0 if stats.dropped == stats_ref.dropped else 1.0
+            errors[f"{tag}/dropped"] = float(stats.dropped)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(errors, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2)])
+def test_expert_parallel_matches_single_process(world, ep, tmp_path):
+    mp.spawn(worker, args=(world, ep, free_port(), str(tmp_path)), nprocs=world, join=True)
+    any_dropped = False
+    for rank in range(world):
+        errors = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        any_dropped |= errors.pop("cf0.5/dropped") > 0
+        errors.pop("dropless/dropped")
+        bad = {key: value for key, value in errors.items() if value > 1e-12}
+        assert not bad, f"rank {rank}: {bad}"
+    assert any_dropped, "the capacity case should drop some choices"
