@@ -1,0 +1,82 @@
+"""Just enough to run megatron-core 0.16.1's MoELayer on a machine without CUDA.
+
+Applied by systems/megatron_core.py ONLY when ``torch.cuda.is_available()`` is
+False; on a GPU the adapter runs Megatron unpatched. Each patch names the
+failure it addresses (shared/docs/peers-on-cpu.md lists them). The numerics
+are Megatron's own: no patch touches routing, permutation or the experts.
+
+Not patched but handled in the adapter's config: ``use_cpu_initialization=True``
+(building the layer would otherwise call ``torch.cuda.current_device()``).
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+_applied = False
+
+
+class _CpuCudaNamespace:
+    """``torch.cuda`` as seen by one Megatron module: the "current device" is the CPU."""
+
+    def current_device(self):
+        return torch.device("cpu")
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _TorchWithCpuDevice:
+    """``torch`` for one Megatron module, with ``torch.cuda.current_device()`` on the CPU."""
+
+    cuda = _CpuCudaNamespace()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+class _NoStream:
+    """Stands in for the CUDA stream the all-to-all dispatcher makes (never used on CPU)."""
+
+
+def apply() -> None:
+    """Install the module-level patches (idempotent)."""
+    global _applied
+    if _applied:
+        return
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    # Failure: tensor-parallel/expert-parallel mappings (all-gather, reduce-scatter,
+    # used by EP > 1 all-gather and dropless all-to-all) allocate their output on
+    # torch.cuda.current_device(). Give that one module a torch whose current
+    # device is the CPU.
+    mappings.torch = _TorchWithCpuDevice()
+
+    # Failure: RouterGatingLinearFunction tests `te_general_gemm is not None`, but
+    # the name is only defined when TransformerEngine imports (NameError without
+    # it). None is the value Megatron's own code expects for "no TE".
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    # Failure: MoEAlltoAllTokenDispatcher.__init__ creates a torch.cuda.Stream()
+    # for device-to-host copies when its class attribute is None.
+    if token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is None:
+        token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _NoStream()
+    _applied = True
+
+
+def _host_sync_noop(self, point, tokens_per_expert=None):
+    # On CPU every split is already host memory: Megatron's own maybe_move_tensor_to_cpu
+    # leaves CPU tensors as they are, so only the stream wait/record is dropped.
+    return tokens_per_expert
+
+
+def patch_layer(layer) -> None:
+    """Per-instance patches for one built MoELayer."""
+    dispatcher = layer.token_dispatcher
+    # Failure: the all-to-all dispatcher's dropless path synchronises through
+    # torch.cuda.current_stream()/torch.cuda.stream() in _maybe_dtoh_and_synchronize.
+    if hasattr(dispatcher, "_maybe_dtoh_and_synchronize"):
+        dispatcher._maybe_dtoh_and_synchronize = types.MethodType(_host_sync_noop, dispatcher)
