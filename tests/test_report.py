@@ -1,0 +1,179 @@
+"""Report tables from hand-built results documents (no runner involved)."""
+import pandas as pd
+import pytest
+
+from harness.errors import UsageError
+from harness.report import ReportOptions, build_report, format_ms
+from harness.schema import write_atomic
+from tests.test_schema import make_document, make_trial
+
+# 10, 12, 14 ms: median 12, q1 11, q3 13 (linear interpolation), IQR 2
+REF = (0.010, 0.012, 0.014)
+
+
+def write(tmp_path, name, trials, **doc_kwargs):
+    return write_atomic(make_document(trials, **doc_kwargs), tmp_path / "results" / name)
+
+
+def report(tmp_path, **kwargs):
+    options = ReportOptions(paths=[str(tmp_path / "results")], out_dir=str(tmp_path / "reports"), **kwargs)
+    return build_report(options)
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """The data rows of the first Markdown table, as stripped cells."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def header(markdown: str) -> list[str]:
+    return [c.strip() for c in next(li for li in markdown.splitlines() if li.startswith("|")).strip("|").split("|")]
+
+
+def cell(markdown: str, system: str, row: int = 0) -> str:
+    return table_rows(markdown)[row][header(markdown).index(system)]
+
+
+def test_iteration_cells_show_median_and_iqr_or_status(tmp_path):
+    write(tmp_path, "a.json", [
+        make_trial("torch_reference", REF),
+        make_trial("deepspeed_moe", (0.030, 0.031, 0.032, 0.033, 0.034)),
+        make_trial("tutel", status="oom"),
+        make_trial("torch_reference", (0.5, 0.6, 0.7), workload="gpt2-xl-moe"),
+    ])
+    rep = report(tmp_path)
+    rows = table_rows(rep.iteration_markdown)
+    assert [r[0] for r in rows] == ["gpt2-xl-moe", "mixtral-8x7b"]
+    assert cell(rep.iteration_markdown, "torch_reference", 1) == "12.0 ± 2.0"
+    assert cell(rep.iteration_markdown, "deepspeed_moe", 1) == "32.0 ± 2.0"  # q1 31, q3 33
+    assert cell(rep.iteration_markdown, "tutel", 1) == "oom"
+    assert cell(rep.iteration_markdown, "torch_reference", 0) == "600 ± 100"
+    assert cell(rep.iteration_markdown, "deepspeed_moe", 0) == "—"
+    assert "interquartile range" in rep.iteration_markdown
+
+
+def test_speedup_is_baseline_over_system_with_interval(tmp_path):
+    write(tmp_path, "a.json", [
+        make_trial("torch_reference", (0.020, 0.020, 0.020)),
+        make_trial("deepspeed_moe", (0.010, 0.010, 0.010)),
+        make_trial("megatron_core", (0.040, 0.042, 0.038, 0.041)),
+        make_trial("tutel", status="skipped"),
+    ])
+    rep = report(tmp_path)
+    assert rep.baseline == "torch_reference"
+    assert header(rep.speedup_markdown)[9] == "torch_reference"  # baseline is the first system column
+    assert cell(rep.speedup_markdown, "torch_reference") == "1.00 (baseline)"
+    assert cell(rep.speedup_markdown, "deepspeed_moe") == "2.00 [2.00, 2.00]"
+    text = cell(rep.speedup_markdown, "megatron_core")
+    assert text.startswith("0.49 [")  # median of 38, 40, 41, 42 ms is 40.5; 20 / 40.5 = 0.494
+    csv = pd.read_csv(tmp_path / "reports" / "speedup.csv")
+    mega = csv[csv.system == "megatron_core"].iloc[0]
+    assert mega.speedup == pytest.approx(20 / 40.5)
+    assert 20 / 42 <= mega.ci_low <= mega.speedup <= mega.ci_high <= 20 / 38
+    assert cell(rep.speedup_markdown, "tutel") == "skipped"
+
+
+def test_default_baseline_prefers_tutel_native(tmp_path):
+    write(tmp_path, "a.json", [make_trial("torch_reference", (0.02,) * 3), make_trial("tutel_native", (0.01,) * 3)])
+    rep = report(tmp_path)
+    assert rep.baseline == "tutel_native"
+    assert cell(rep.speedup_markdown, "torch_reference") == "0.50 [0.50, 0.50]"
+
+
+def test_explicit_baseline_and_unknown_baseline(tmp_path):
+    write(tmp_path, "a.json", [make_trial("torch_reference", (0.02,) * 3), make_trial("deepspeed_moe", (0.01,) * 3)])
+    rep = report(tmp_path, baseline="deepspeed_moe")
+    assert cell(rep.speedup_markdown, "torch_reference") == "0.50 [0.50, 0.50]"
+    with pytest.raises(UsageError, match="baseline system 'tutel' is not in the results; systems present: "
+                                         "deepspeed_moe, torch_reference"):
+        report(tmp_path, baseline="tutel")
+
+
+def test_no_default_baseline_gives_a_note_not_a_table(tmp_path):
+    write(tmp_path, "a.json", [make_trial("deepspeed_moe", (0.01,) * 3)])
+    rep = report(tmp_path)
+    assert rep.baseline is None
+    assert "No speedup table" in rep.speedup_markdown and "--baseline" in rep.speedup_markdown
+
+
+def test_failed_check_is_left_out_unless_asked(tmp_path):
+    write(tmp_path, "a.json", [
+        make_trial("torch_reference", (0.020,) * 3),
+        make_trial("megatron_core", (0.010,) * 3, check_passed=False),
+        make_trial("deepspeed_moe", (0.010,) * 3, check_passed=None),  # not checked: shown normally
+    ])
+    rep = report(tmp_path)
+    assert cell(rep.speedup_markdown, "megatron_core") == "check failed"
+    assert cell(rep.speedup_markdown, "deepspeed_moe") == "2.00 [2.00, 2.00]"
+    assert cell(rep.iteration_markdown, "megatron_core") == "10.0 ± 0.0 †"
+    rep = report(tmp_path, include_unchecked=True)
+    assert cell(rep.speedup_markdown, "megatron_core") == "2.00 [2.00, 2.00] †"
+    assert "†: the output failed the equivalence check" in rep.speedup_markdown
+
+
+def test_failed_baseline_check_blocks_the_row(tmp_path):
+    write(tmp_path, "a.json", [
+        make_trial("torch_reference", (0.020,) * 3, check_passed=False),
+        make_trial("deepspeed_moe", (0.010,) * 3),
+    ])
+    assert cell(report(tmp_path).speedup_markdown, "deepspeed_moe") == "baseline check failed"
+
+
+def test_newest_run_wins_and_the_footer_says_so(tmp_path):
+    write(tmp_path, "old.json", [make_trial("torch_reference", (0.020,) * 3), make_trial("deepspeed_moe", (0.05,) * 3)],
+          run_id="20261129T000000Z-aaaaaa", created="2026-11-29T00:00:00Z")
+    write(tmp_path, "new.json", [make_trial("deepspeed_moe", (0.010,) * 3)],
+          run_id="20261129T050000Z-bbbbbb", created="2026-11-29T05:00:00Z", dirty=True,
+          command_line=["./moebench", "run", "--systems", "deepspeed_moe"])
+    rep = report(tmp_path)
+    assert cell(rep.iteration_markdown, "deepspeed_moe") == "10.0 ± 0.0"
+    assert cell(rep.speedup_markdown, "deepspeed_moe") == "2.00 [2.00, 2.00]"
+    for md in (rep.iteration_markdown, rep.speedup_markdown):
+        assert "1 trial(s) also appeared in an older run; the newest run's result is shown" in md
+        assert "`./moebench run --systems deepspeed_moe`" in md
+        assert "2026-11-29T05:00:00Z" in md
+        assert "git 0123456789ab (dirty" in md
+
+
+def test_footer_names_machine_method_and_commands(tmp_path):
+    write(tmp_path, "a.json", [make_trial("torch_reference", REF)])
+    rep = report(tmp_path, command_line=["python", "-m", "harness", "report", "results"])
+    md = rep.iteration_markdown
+    assert "Test CPU 9000, 2 CPUs, torch threads 2, GPU none" in md
+    assert "timer perf_counter; warm-up 2 steps; 5 timed steps x 2 rounds; systems interleaved across rounds: yes" in md
+    assert "calibration: 1024^3 fp32 matmul" in md
+    assert "`./moebench run --workload mixtral-8x7b`" in md
+    assert "report: `python -m harness report results`" in md
+    assert "(none here)" in md
+
+
+def test_outputs_are_written(tmp_path):
+    write(tmp_path, "a.json", [make_trial("torch_reference", REF), make_trial("deepspeed_moe", status="error")])
+    rep = report(tmp_path)
+    out = tmp_path / "reports"
+    assert sorted(p.name for p in rep.written) == sorted(
+        ["iteration_time.md", "iteration_time.csv", "speedup.md", "speedup.csv", "iteration_time.png"])
+    assert (out / "iteration_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv = pd.read_csv(out / "iteration_time.csv")
+    ref = csv[csv.system == "torch_reference"].iloc[0]
+    assert [ref.median_ms, ref.q1_ms, ref.q3_ms] == pytest.approx([12.0, 11.0, 13.0])
+    assert (ref.n, ref.status) == (3, "ok")
+    assert csv[csv.system == "deepspeed_moe"].iloc[0].status == "error"
+
+
+def test_loading_errors_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        build_report(ReportOptions(paths=[str(tmp_path / "nope")], out_dir=str(tmp_path / "r")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match=r"no results files \(\*\.json\) found"):
+        build_report(ReportOptions(paths=[str(tmp_path / "empty")], out_dir=str(tmp_path / "r")))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UsageError, match="bad.json is not valid JSON"):
+        build_report(ReportOptions(paths=[str(bad)], out_dir=str(tmp_path / "r")))
+    assert not (tmp_path / "r").exists()  # nothing written on a failed load
+
+
+@pytest.mark.parametrize("value, text", [(1234.5, "1234"), (12.34, "12.3"), (1.234, "1.23"), (0.1234, "0.123")])
+def test_format_ms_keeps_about_three_figures(value, text):
+    assert format_ms(value) == text
