@@ -1,0 +1,216 @@
+"""`moebench run`: benchmark MoE systems on identical work and write a results file.
+
+Everything is validated before the first trial starts; bad input is one line
+and exit 2. The run itself never stops for a failing trial: every outcome is
+a status in the results file. Multi-node: every node runs the same command
+with its own --node-rank and the same --rdzv-endpoint; node 0 writes the
+results and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from harness.errors import UsageError
+
+NAME = "run"
+HELP = "run the benchmark: systems x workloads in interleaved rounds, then write results/<run_id>.json"
+
+DEFAULT_WORKLOAD = "mixtral-8x7b"
+DEFAULT_MODE = {"layer": "forward_backward", "model": "train"}
+# CLI flag -> resolve_workload override field
+OVERRIDES = {
+    "model_dim": "model_dim", "ffn_dim": "ffn_dim", "experts": "num_experts", "top_k": "top_k",
+    "activation": "activation", "batch_size": "batch_size", "seq_len": "seq_len", "layers": "n_layers",
+    "heads": "n_heads", "kv_heads": "n_kv_heads", "vocab": "vocab_size",
+}
+OPTION_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+def _one_line_error(message: str) -> None:
+    """argparse's own errors as one line too (instead of usage + message)."""
+    print(f"moebench run: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.error = _one_line_error  # type: ignore[method-assign]
+    w = parser.add_argument_group("workload")
+    w.add_argument("--workload", help=f"preset name(s), comma-separated, or 'custom' (default {DEFAULT_WORKLOAD})")
+    w.add_argument("--config", metavar="FILE.toml", help="custom workload from a TOML file")
+    w.add_argument("--flavor", default="proxy", help="full | proxy | debug (default proxy)")
+    for flag in OVERRIDES:
+        w.add_argument(f"--{flag.replace('_', '-')}", dest=flag, metavar="VALUE",
+                       help=f"override the workload's {OVERRIDES[flag]}")
+    t = parser.add_argument_group("trial")
+    t.add_argument("--level", default="layer", help="layer | model (default layer)")
+    t.add_argument("--mode", help="forward | forward_backward | train (default: forward_backward for layer, "
+                                  "train for model)")
+    t.add_argument("--routing", default="learned", help="learned | balanced | zipf (default learned)")
+    t.add_argument("--systems", help="comma-separated systems (default: every system available here)")
+    t.add_argument("--capacity-factor", help="a positive number or 'dropless' (default: the workload's)")
+    t.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float64 (default float32)")
+    t.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="system-specific knob (repeatable); systems refuse options they do not know")
+    m = parser.add_argument_group("method")
+    m.add_argument("--repeats", type=int, default=3, help="rounds over all systems (default 3)")
+    m.add_argument("--warmup", type=int, default=2, help="warm-up steps per round (default 2)")
+    m.add_argument("--steps", type=int, default=5, help="timed steps per round (default 5)")
+    m.add_argument("--timeout", type=float, default=300.0, help="seconds per trial round (default 300)")
+    m.add_argument("--no-check", action="store_true", help="skip the equivalence check against torch_reference")
+    m.add_argument("--out", default="results", help="results directory (default results/)")
+    p = parser.add_argument_group("parallel (torchrun's meaning)")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this node (default 1)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks per group (default 1)")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="rendezvous of a multi-node run; round i uses PORT+i, hosted by node 0")
+    p.add_argument("--threads-per-rank", type=int, help="torch threads per rank (default: cores / ranks per node)")
+
+
+# ----------------------------------------------------------------- parsing
+
+def parse_option(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not OPTION_KEY.match(key):
+        raise UsageError(f"--option must be KEY=VALUE, got {text!r}")
+    lowered = raw.strip().lower()
+    if lowered in ("true", "false"):
+        return key, lowered == "true"
+    for kind in (int, float):
+        try:
+            return key, kind(raw)
+        except ValueError:
+            continue
+    return key, raw
+
+
+def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    if value not in choices:
+        raise UsageError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+    return value
+
+
+def resolve_workloads(args: argparse.Namespace) -> list:
+    from workloads.resolve import resolve_workload
+
+    overrides = {OVERRIDES[flag]: getattr(args, flag) for flag in OVERRIDES if getattr(args, flag) is not None}
+    if args.capacity_factor is not None:
+        overrides["capacity_factor"] = args.capacity_factor
+    if args.config is not None:
+        path = Path(args.config)
+        if not path.is_file():
+            raise UsageError(f"config file {path} does not exist or is not a file")
+    names = [n.strip() for n in (args.workload or "").split(",") if n.strip()]
+    if not names:
+        names = ["custom"] if args.config else [DEFAULT_WORKLOAD]
+    workloads = [resolve_workload(name, args.flavor, overrides, args.config) for name in names]
+    if len({w.name for w in workloads}) != len(workloads):
+        raise UsageError(f"workload given twice: {args.workload}")
+    return workloads
+
+
+def select_systems(requested: str | None) -> tuple[list[str], dict[str, str]]:
+    """(systems to run, {system: why it cannot run here}) -- unknown names are a UsageError."""
+    import systems
+
+    known = systems.system_names()
+    if requested:
+        names = [n.strip() for n in requested.split(",") if n.strip()]
+        for name in names:
+            if name not in known:
+                raise UsageError(f"unknown system {name!r}; choose from {', '.join(known)}")
+        if len(set(names)) != len(names):
+            raise UsageError(f"system given twice: {requested}")
+    else:
+        names = known
+    unavailable = {}
+    for name in names:
+        try:
+            available = systems.availability(name)
+            ok, reason = available.ok, available.reason
+        except Exception as exc:  # noqa: BLE001 - a broken peer install is a reason, not a crash
+            ok, reason = False, f"availability check failed: {type(exc).__name__}: {exc}"
+        if not ok:
+            unavailable[name] = reason
+    if not requested:
+        for name, reason in unavailable.items():
+            print(f"moebench run: note: {name} is not available here ({reason})", file=sys.stderr)
+        names = [n for n in names if n not in unavailable]
+        unavailable = {}
+        if not names:
+            raise UsageError("no system is available on this machine (see `moebench list`)")
+    return names, unavailable
+
+
+def build_specs(args: argparse.Namespace) -> tuple[list, dict]:
+    """Every trial of this run, validated; plus the reasons of systems that cannot run here."""
+    from harness.launch import LaunchConfig
+    from harness.trial_spec import MODES, TrialSpec
+    from systems.base import DTYPES, MoEKnobs, ParallelSpec
+    from workloads.routing import ROUTINGS
+    from workloads.spec import LEVELS
+
+    level = _choice(args.level, LEVELS, "level")
+    mode = _choice(args.mode or DEFAULT_MODE[level], MODES, "mode")
+    routing = _choice(args.routing, ROUTINGS, "routing")
+    _choice(args.dtype, tuple(DTYPES), "dtype")
+    _choice(args.device, ("cpu", "cuda"), "device")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda, but no CUDA device is available here")
+    for name, minimum in (("repeats", 1), ("steps", 1), ("warmup", 0)):
+        if getattr(args, name) < minimum:
+            raise UsageError(f"--{name} must be at least {minimum}, got {getattr(args, name)}")
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be positive, got {args.timeout}")
+    options = dict(parse_option(o) for o in args.option)
+    launch = LaunchConfig(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
+                          rdzv_endpoint=args.rdzv_endpoint, threads_per_rank=args.threads_per_rank)
+    launch.validate()
+    parallel = ParallelSpec(world_size=launch.world_size, ep=args.ep, nnodes=args.nnodes,
+                            threads_per_rank=args.threads_per_rank)
+    parallel.validate()
+    workloads = resolve_workloads(args)
+    for workload in workloads:
+        parallel.validate(workload.layer.num_experts)
+    names, unavailable = select_systems(args.systems)  # last: it imports the peer packages
+    specs = []
+    for workload in workloads:
+        knobs = MoEKnobs(capacity_factor=workload.capacity_factor, dtype=args.dtype, device=args.device,
+                         seed=args.seed, options=options)
+        for name in names:
+            spec = TrialSpec(name, workload, level, mode, routing, knobs, parallel, warmup=args.warmup,
+                             steps=args.steps, timeout_s=args.timeout, check=not args.no_check)
+            spec.validate()
+            specs.append(spec)
+    return specs, unavailable
+
+
+# ----------------------------------------------------------------- running
+
+def run(args: argparse.Namespace) -> int:
+    from harness import runner
+
+    specs, unavailable = build_specs(args)
+    launched = [s for s in specs if s.system not in unavailable]
+    options = runner.RunOptions(repeats=args.repeats, node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint)
+    records = iter(runner.run_trials(launched, options))
+    trials = [runner.skipped_record(s, unavailable[s.system]) if s.system in unavailable else next(records)
+              for s in specs]
+    if args.node_rank != 0:
+        print(f"moebench run: node {args.node_rank} done; node 0 writes the results", file=sys.stderr)
+        return 0
+    timer = next((t["timer"] for t in trials if t.get("timer")), "perf_counter")
+    method = runner.method(args.warmup, args.steps, args.repeats, timer)
+    path = runner.write_results(trials, method, ["moebench", *sys.argv[1:]], Path(args.out))
+    print(runner.format_table(trials))
+    print(f"results: {path}")
+    return 0
