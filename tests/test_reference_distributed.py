@@ -5,6 +5,8 @@ gradient and the (replicated) gate gradient equal the single-process
 reference's; each rank's expert-weight gradient equals the sum, over the
 ranks of its expert-parallel group, of the single-process gradients of
 those experts (data-parallel replicas are summed by the trainer, not here).
+At model level, the debug Mixtral model's loss and embedding gradient on
+each rank's batch equal the single-process model's.
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from systems.base import LayerShape, MoEKnobs, ParallelSpec
-from systems.torch_reference import ReferenceMoELayer
+from systems.torch_reference import ReferenceMoELayer, TorchReference
+from workloads.flavors import get_workload
+from workloads.model import build_model, make_batch
 from workloads.routing import make_layer_inputs
 
 SHAPE = LayerShape(model_dim=8, ffn_dim=6, num_experts=4, top_k=2, activation="swiglu")
@@ -55,46 +59,69 @@ def rel_err(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
-def worker(rank: int, world: int, ep: int, port: int, out_dir: str):
+def model_loss_error(parallel: ParallelSpec, rank: int) -> float:
+    """Model level: the debug Mixtral model's loss and embedding gradient on this rank's batch."""
+    workload = get_workload("mixtral-8x7b", "debug")
+    knobs = MoEKnobs(capacity_factor=workload.capacity_factor, dtype="float64")
+    tokens, targets = make_batch(workload, seed=1, rank=rank)
+    results = []
+    for spec in (parallel, ParallelSpec()):
+        model = build_model(workload, TorchReference(), knobs, spec, seed=1)
+        loss, _ = model.loss(tokens, targets)
+        loss.backward()
+        results.append((loss.detach(), model.embed.weight.grad))
+    (loss, grad), (loss_ref, grad_ref) = results
+    return max(rel_err(loss, loss_ref), rel_err(grad, grad_ref))
+
+
+def compare_rank(world: int, ep: int, rank: int) -> dict[str, float]:
+    """Relative errors (and drop counts) of this rank's expert-parallel layer against single-process runs."""
+    errors = {}
+    for cf in (None, 0.5):
+        y, dx, dgate, dexperts, stats = run_layer(ParallelSpec(world_size=world, ep=ep), cf, rank)
+        y_ref, dx_ref, dgate_ref, _, stats_ref = run_layer(ParallelSpec(), cf, rank)
+        group_first = rank // ep * ep
+        group_sum = None
+        for peer in range(group_first, group_first + ep):
+            peer_grads = run_layer(ParallelSpec(), cf, peer)[3]
+            group_sum = peer_grads if group_sum is None else {n: group_sum[n] + peer_grads[n] for n in group_sum}
+        local = SHAPE.num_experts // ep
+        first = rank % ep * local
+        tag = "dropless" if cf is None else f"cf{cf}"
+        errors[f"{tag}/y"] = rel_err(y, y_ref)
+        errors[f"{tag}/dx"] = rel_err(dx, dx_ref)
+        errors[f"{tag}/dgate"] = rel_err(dgate, dgate_ref)
+        for name in EXPERT_PARAMS:
+            errors[f"{tag}/{name}"] = rel_err(dexperts[name], group_sum[name][first : first + local])
+        errors[f"{tag}/counts_equal"] = 0.0 if stats.tokens_per_expert == stats_ref.tokens_per_expert else 1.0
+        errors[f"{tag}/dropped_equal"] = 0.0 if stats.dropped == stats_ref.dropped else 1.0
+        errors[f"{tag}/dropped"] = float(stats.dropped)
+    errors["model/loss"] = model_loss_error(ParallelSpec(world_size=world, ep=ep), rank)
+    return errors
+
+
+def worker(rank: int, world: int, eps: tuple[int, ...], port: int, out_dir: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        errors = {}
-        for cf in (None, 0.5):
-            parallel = ParallelSpec(world_size=world, ep=ep)
-            y, dx, dgate, dexperts, stats = run_layer(parallel, cf, rank)
-            y_ref, dx_ref, dgate_ref, _, stats_ref = run_layer(ParallelSpec(), cf, rank)
-            group_first = rank // ep * ep
-            group_sum = None
-            for peer in range(group_first, group_first + ep):
-                peer_grads = run_layer(ParallelSpec(), cf, peer)[3]
-                group_sum = peer_grads if group_sum is None else {n: group_sum[n] + peer_grads[n] for n in group_sum}
-            local = SHAPE.num_experts // ep
-            first = rank % ep * local
-            tag = "dropless" if cf is None else f"cf{cf}"
-            errors[f"{tag}/y"] = rel_err(y, y_ref)
-            errors[f"{tag}/dx"] = rel_err(dx, dx_ref)
-            errors[f"{tag}/dgate"] = rel_err(dgate, dgate_ref)
-            for name in EXPERT_PARAMS:
-                errors[f"{tag}/{name}"] = rel_err(dexperts[name], group_sum[name][first : first + local])
-            errors[f"{tag}/counts_equal"] = 0.0 if stats.tokens_per_expert == stats_ref.tokens_per_expert else 1.0
-            errors[f"{tag}/dropped_equal"] = 0.0 if stats.dropped == stats_ref.dropped else 1.0
-            errors[f"{tag}/dropped"] = float(stats.dropped)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(errors, f)
+        for ep in eps:
+            with open(os.path.join(out_dir, f"ep{ep}-rank{rank}.json"), "w") as f:
+                json.dump(compare_rank(world, ep, rank), f)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2)])
-def test_expert_parallel_matches_single_process(world, ep, tmp_path):
-    mp.spawn(worker, args=(world, ep, free_port(), str(tmp_path)), nprocs=world, join=True)
-    any_dropped = False
-    for rank in range(world):
-        errors = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        any_dropped |= errors.pop("cf0.5/dropped") > 0
-        errors.pop("dropless/dropped")
-        bad = {key: value for key, value in errors.items() if value > 1e-12}
-        assert not bad, f"rank {rank}: {bad}"
-    assert any_dropped, "the capacity case should drop some choices"
+# One spawn per world size (process start-up dominates); world 4 checks ep 4 and ep 2 (two EP groups).
+@pytest.mark.parametrize("world,eps", [(2, (2,)), pytest.param(4, (4, 2), marks=pytest.mark.slow)])
+def test_expert_parallel_matches_single_process(world, eps, tmp_path):
+    mp.spawn(worker, args=(world, eps, free_port(), str(tmp_path)), nprocs=world, join=True)
+    for ep in eps:
+        any_dropped = False
+        for rank in range(world):
+            errors = json.loads((tmp_path / f"ep{ep}-rank{rank}.json").read_text())
+            any_dropped |= errors.pop("cf0.5/dropped") > 0
+            errors.pop("dropless/dropped")
+            bad = {key: value for key, value in errors.items() if value > 1e-12}
+            assert not bad, f"world {world}, ep {ep}, rank {rank}: {bad}"
+        assert any_dropped, "the capacity case should drop some choices"
