@@ -1,0 +1,59 @@
+"""`moebench check`: every available system against torch_reference (equivalence before speed)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from harness.errors import UsageError
+
+NAME = "check"
+HELP = "check each available MoE system against torch_reference on small shapes (exit 1 on any failure)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--systems", help="comma-separated systems to check (default: all registered)")
+    parser.add_argument("--cases", help="comma-separated case names (default: all; see the table)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--out", metavar="FILE", help="also write the results JSON to FILE (atomically)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from harness.check import any_failed, default_cases, format_table, run_system_in_subprocess, write_json_atomic
+    from systems import availability, system_names
+
+    names = system_names()
+    chosen = names if not args.systems else [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in names]
+    if unknown or not chosen:
+        raise UsageError(f"unknown system(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(names)}")
+    cases = default_cases()
+    if args.cases:
+        wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
+        missing = [w for w in wanted if w not in {c.name for c in cases}]
+        if missing:
+            raise UsageError(f"unknown case(s) {', '.join(missing)}; choose from {', '.join(c.name for c in cases)}")
+        cases = [c for c in cases if c.name in wanted]
+
+    results, unavailable = [], {}
+    for name in chosen:
+        avail = availability(name)
+        if not avail.ok:
+            unavailable[name] = avail.reason
+            continue
+        results.extend(run_system_in_subprocess(name, cases))
+
+    payload = {
+        "results": [r.__dict__ for r in results],
+        "unavailable": unavailable,
+        "passed": not any_failed(results),
+    }
+    if args.out:
+        write_json_atomic(args.out, payload)
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        print(format_table(results))
+        for name, reason in unavailable.items():
+            print(f"{name}: unavailable ({reason})")
+        print("all available systems pass" if payload["passed"] else "FAILED: see the rows above")
+    return 1 if any_failed(results) else 0

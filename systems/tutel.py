@@ -1,0 +1,130 @@
+"""tutel: the real Tutel package (``tutel.moe.moe_layer``), when it is installed.
+
+Tutel is not on PyPI and is not installed here, so this adapter reports
+itself unavailable with the reason; it is written against the contract in
+shared/docs/tutel-semantics.md (sections 1, 2, 7) and untested on this machine.
+
+Canonical weights -> Tutel's state dict (contract section 7, sharded_count 1):
+  gates.0.wg.weight            = gate_EM
+  ffn:       experts.batched_fc1_w [E_local, H, M] = w1;  experts.batched_fc2_w = w2 (already fc2^T)
+             experts.batched_fc1_bias [E_local, H], experts.batched_fc2_bias [E_local, M]
+  llama_ffn: y = (silu(x W1) * (x W2)) W3, W1 = w1^T, W2 = w3^T ([M, H]), W3 = w2 ([H, M]), stored flat.
+Dropless is ``capacity_factor=0`` at construction. Tokens per expert are
+recounted from the gate (Tutel's own dispatch_count is read off one row and
+is wrong for dropless; contract section 2.6).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from systems.base import (
+    Availability,
+    CanonicalWeights,
+    LayerShape,
+    MoEKnobs,
+    MoELayerAdapter,
+    MoEOutput,
+    MoESystem,
+    ParallelSpec,
+    RoutingStats,
+)
+
+NOT_INSTALLED = "the tutel package is not installed (pip install from its repository; it is not on PyPI)"
+
+
+class TutelLayer(MoELayerAdapter):
+    def __init__(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec):
+        super().__init__()
+        from tutel import moe as tutel_moe
+
+        self.shape, self.knobs, self.parallel = shape, knobs, parallel
+        self.num_local = shape.num_experts // parallel.ep
+        group = None
+        self.ep_rank = 0
+        if parallel.ep > 1:
+            from harness.distributed import expert_parallel_group
+
+            group, self.ep_rank = expert_parallel_group(parallel.ep)
+        swiglu = shape.activation == "swiglu"
+        experts = {"type": "llama_ffn" if swiglu else "ffn", "num_experts_per_device": self.num_local,
+                   "hidden_size_per_expert": shape.ffn_dim}
+        if not swiglu:
+            experts.update(activation_fn=F.gelu if shape.activation == "gelu" else F.relu,
+                           has_fc1_bias=shape.expert_bias, has_fc2_bias=shape.expert_bias)
+        cf = knobs.capacity_factor
+        self.moe = tutel_moe.moe_layer(
+            gate_type={"type": "top", "k": shape.top_k, "capacity_factor": 0.0 if cf is None else cf,
+                       "fp32_gate": False},
+            model_dim=shape.model_dim, experts=experts, group=group, seeds=(knobs.seed, knobs.seed + 1, 1),
+        ).to(dtype=knobs.torch_dtype, device=knobs.device)
+        self._stats: RoutingStats | None = None
+
+    def load_canonical(self, weights: CanonicalWeights) -> None:
+        local = weights.expert_slice(self.ep_rank * self.num_local, self.num_local).to(dtype=self.knobs.torch_dtype)
+        state = {"gates.0.wg.weight": local.gate_EM}
+        if self.shape.activation == "swiglu":
+            state["experts.W_fc1"] = local.w1_EHM.transpose(1, 2).reshape(-1)
+            state["experts.W_fc2"] = local.w3_EHM.transpose(1, 2).reshape(-1)
+            state["experts.W_fc3"] = local.w2_EHM.reshape(-1)
+        else:
+            state["experts.batched_fc1_w"] = local.w1_EHM
+            state["experts.batched_fc2_w"] = local.w2_EHM
+            if local.b1_EH is not None:
+                state["experts.batched_fc1_bias"] = local.b1_EH
+                state["experts.batched_fc2_bias"] = local.b2_EM
+        self.moe.load_state_dict(state, strict=False)
+
+    def forward(self, x_TM: torch.Tensor) -> MoEOutput:
+        y_TM = self.moe(x_TM)
+        l_aux = getattr(y_TM, "l_aux", None)
+        with torch.no_grad():
+            logits_TE = x_TM @ self.moe.gates[0].wg.weight.T
+            idx_TK = torch.topk(logits_TE, self.shape.top_k, dim=1).indices
+            counts_E = torch.bincount(idx_TK.flatten(), minlength=self.shape.num_experts)
+        capacity = None
+        if self.knobs.capacity_factor is not None:
+            from systems.torch_reference import tutel_capacity
+
+            capacity = tutel_capacity(x_TM.shape[0], self.shape.num_experts, self.shape.top_k,
+                                      self.knobs.capacity_factor)
+        self._stats = RoutingStats(
+            tokens_per_expert=[int(c) for c in counts_E.tolist()],
+            dropped=0 if capacity is None else int((counts_E - capacity).clamp(min=0).sum()),
+            capacity=capacity,
+            l_aux=None if l_aux is None else float(l_aux),
+        )
+        return MoEOutput(y_TM, l_aux)
+
+    def routing_stats(self) -> RoutingStats:
+        if self._stats is None:
+            raise RuntimeError("routing_stats() called before the first forward")
+        return self._stats
+
+
+class Tutel(MoESystem):
+    name = "tutel"
+    description = "Microsoft Tutel (tutel.moe.moe_layer), if installed"
+
+    @classmethod
+    def availability(cls) -> Availability:
+        try:
+            import tutel  # noqa: F401
+        except ImportError:
+            return Availability.no(NOT_INSTALLED)
+        return Availability.yes()
+
+    def check_support(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec) -> Availability:
+        available = self.availability()
+        if not available.ok:
+            return available
+        if knobs.options:
+            return Availability.no(f"tutel adapter takes no options, got {sorted(knobs.options)}")
+        if parallel.tp != 1:
+            return Availability.no("tutel adapter runs tp=1 only")
+        if shape.num_experts % parallel.ep:
+            return Availability.no(f"{shape.num_experts} experts are not divisible by ep {parallel.ep}")
+        return Availability.yes()
+
+    def build_layer(self, shape, knobs, parallel, layer_index=0):
+        return TutelLayer(shape, knobs, parallel)
