@@ -73,6 +73,7 @@ def _format_cf(knobs: dict) -> str:
 def _trial_row(doc: dict, trial: dict) -> dict:
     summary = trial.get("summary") or {}
     check = trial.get("check")
+    throughput = trial.get("throughput") or {}
     to_ms = 1000.0
     return {
         "run_id": doc["run_id"], "created_utc": doc["created_utc"], "id": trial["id"], "system": trial["system"],
@@ -87,6 +88,9 @@ def _trial_row(doc: dict, trial: dict) -> dict:
         "iqr_ms": summary["iqr"] * to_ms if summary else None,
         "outliers": (summary["outliers_low"] + summary["outliers_high"]) if summary else None,
         "check_passed": None if check is None else bool(check["passed"]),
+        "tokens_per_s": throughput.get("tokens_per_s"),
+        "useful_tflops": throughput.get("useful_tflops"),
+        "executed_tflops": throughput.get("executed_tflops"),
         "samples_s": list(trial["samples_s"]),
     }
 
@@ -124,7 +128,10 @@ def _system_order(frame, baseline: str | None) -> list[str]:
 
 
 def _row_keys(frame) -> list[tuple]:
-    return sorted({tuple(r) for r in frame[KEY_COLUMNS].itertuples(index=False)}, key=lambda k: tuple(map(str, k)))
+    def natural(key: tuple) -> tuple:  # numbers by value (ws 2 before ws 16), words alphabetically
+        return tuple((0, v, "") if isinstance(v, int | float) else (1, 0, str(v)) for v in key)
+
+    return sorted({tuple(r) for r in frame[KEY_COLUMNS].itertuples(index=False)}, key=natural)
 
 
 def _by_key(frame) -> dict[tuple, dict[str, dict]]:
@@ -340,7 +347,7 @@ def choose_baseline(frame, requested: str | None) -> str | None:
 
 def _csv_iteration(frame):
     columns = ["id", *KEY_COLUMNS, "system", "status", "n", "median_ms", "q1_ms", "q3_ms", "iqr_ms", "outliers",
-               "check_passed", "run_id", "created_utc", "message"]
+               "tokens_per_s", "useful_tflops", "executed_tflops", "check_passed", "run_id", "created_utc", "message"]
     table = frame[columns].sort_values(["id"])
     return table.astype({"n": "Int64", "outliers": "Int64", "check_passed": "boolean"})
 

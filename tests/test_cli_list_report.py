@@ -73,10 +73,12 @@ def test_list_json_describes_systems_and_workloads():
     assert {flavor for _, flavor in rows} == {"full", "proxy", "debug"}
 
 
-def test_list_text_shows_availability_and_dimensions():
-    done = harness("list")
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+def test_list_text_shows_availability_and_dimensions(capsys):
+    # In-process (peer imports are slow; the subprocess path is covered by the --json test above).
+    from harness.cli import main
+
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     ref = next(li for li in lines if li.startswith("torch_reference"))
     assert ref.split()[1] == "yes"
     row = next(li for li in lines if li.startswith("mixtral-8x7b") and " full " in li).split()

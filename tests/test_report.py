@@ -177,3 +177,16 @@ def test_loading_errors_are_usage_errors(tmp_path):
 @pytest.mark.parametrize("value, text", [(1234.5, "1234"), (12.34, "12.3"), (1.234, "1.23"), (0.1234, "0.123")])
 def test_format_ms_keeps_about_three_figures(value, text):
     assert format_ms(value) == text
+
+
+def test_rows_sort_numbers_by_value_and_csv_carries_throughput(tmp_path):
+    small = make_trial("torch_reference", REF, world_size=2)
+    large = make_trial("torch_reference", REF, world_size=16)
+    large["throughput"] = {"tokens_per_s": 5000.0, "executed_tflops": 0.25, "useful_tflops": 0.2}
+    write(tmp_path, "a.json", [large, small])
+    rep = report(tmp_path)
+    ws_column = header(rep.iteration_markdown).index("ws")
+    assert [row[ws_column] for row in table_rows(rep.iteration_markdown)] == ["2", "16"]
+    csv = pd.read_csv(tmp_path / "reports" / "iteration_time.csv").set_index("ws")
+    assert (csv.loc[16, "tokens_per_s"], csv.loc[16, "useful_tflops"]) == (5000.0, 0.2)
+    assert pd.isna(csv.loc[2, "useful_tflops"])
