@@ -1,12 +1,15 @@
 """Sparse encode (dispatch) and decode (combine) as autograd Functions (section 2.7-2.10).
 
-Both cost O(N*M) gathers/scatters over the live choices (N <= S*K), never a
-dense [S, E, C] product. The dispatched buffer is either compact ([N, M],
-live rows only, expert-major: what the experts need at world size 1) or
-padded ([E*C, M], zero rows where no token landed: what an all-to-all needs).
-The row index comes from the RoutePlan, computed once per step.
+Both directions are gathers costing O(S*K*M), never a dense [S, E, C]
+product and never an atomic scatter-add (slow on CPU):
+  dispatch: rows[n] = src[token_N[n]] (* scale_N[n])            (encode fwd, decode bwd)
+  combine:  out[s]  = sum_i w[s, i] * rows[row_SK[s, i]]        (decode fwd, encode bwd)
+with w the gate (zero where the choice was dropped). The dispatched buffer is
+compact ([N, M], live rows only, expert-major: what the experts need at world
+size 1) or padded ([E*C, M], zeros where no token landed: what an all-to-all
+needs). All indices come from the step's RoutePlan, computed once.
 
-Legend: S tokens, M model dim, O expert output dim, N live choices, R buffer rows.
+Legend: S tokens, K choices, M model dim, O expert output dim, N live choices, R buffer rows.
 """
 from __future__ import annotations
 
@@ -15,71 +18,82 @@ import torch
 from systems.tutel_native.routing import RoutePlan
 
 
+def _dispatch(src_SM: torch.Tensor, plan: RoutePlan, scale_N: torch.Tensor | None) -> torch.Tensor:
+    live_NM = src_SM.index_select(0, plan.token_N)
+    if scale_N is not None:
+        live_NM.mul_(scale_N.unsqueeze(1))
+    if not plan.padded:
+        return live_NM
+    out_RM = src_SM.new_zeros(plan.rows, src_SM.shape[1])
+    return out_RM.index_copy_(0, plan.slot_N, live_NM)
+
+
+def _combine(rows_RM: torch.Tensor, plan: RoutePlan, weight_SK: torch.Tensor | None) -> torch.Tensor:
+    """out[s] = sum_i w[s, i] * rows[row(s, i)]; weight None means the keep mask alone."""
+    if weight_SK is None:
+        weight_SK = plan.keep_SK
+    elif plan.keep_SK is not None:
+        weight_SK = weight_SK * plan.keep_SK
+    out_SM = rows_RM.index_select(0, plan.row_SK[:, 0])
+    if weight_SK is not None:
+        out_SM.mul_(weight_SK[:, :1])
+    for i in range(1, plan.top_k):
+        picked = rows_RM.index_select(0, plan.row_SK[:, i])
+        if weight_SK is None:
+            out_SM.add_(picked)
+        else:
+            out_SM.addcmul_(picked, weight_SK[:, i : i + 1])
+    return out_SM
+
+
+def _pair_dots(a_SM: torch.Tensor, rows_RM: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
+    """d[s, i] = <a[s], rows[row(s, i)]> for kept choices, 0 for dropped ones."""
+    dots = [(a_SM * rows_RM.index_select(0, plan.row_SK[:, i])).sum(1) for i in range(plan.top_k)]
+    d_SK = torch.stack(dots, dim=1)
+    return d_SK if plan.keep_SK is None else d_SK * plan.keep_SK
+
+
 class _Encode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_SM, gate_N, token_N, row_N, num_rows, prescale):
-        live_NM = x_SM.index_select(0, token_N)
-        if prescale:
-            live_NM.mul_(gate_N.unsqueeze(1))
-        if row_N is None:
-            out_RM = live_NM
-        else:
-            out_RM = x_SM.new_zeros(num_rows, x_SM.shape[1])
-            out_RM.index_copy_(0, row_N, live_NM)
-        ctx.num_tokens, ctx.prescale = x_SM.shape[0], prescale
-        ctx.save_for_backward(x_SM if prescale else None, gate_N if prescale else None, token_N, row_N)
-        return out_RM
+    def forward(ctx, x_SM, gates_SK, plan: RoutePlan, prescale: bool):
+        scale_N = gates_SK.reshape(-1).index_select(0, plan.flat_N) if prescale else None
+        ctx.plan, ctx.prescale = plan, prescale
+        ctx.save_for_backward(x_SM if prescale else None, gates_SK if prescale else None)
+        return _dispatch(x_SM, plan, scale_N)
 
     @staticmethod
-    def backward(ctx, d_out_RM):
-        x_SM, gate_N, token_N, row_N = ctx.saved_tensors
-        d_live_NM = d_out_RM if row_N is None else d_out_RM.index_select(0, row_N)
-        d_gate_N = None
-        if ctx.prescale:
-            if ctx.needs_input_grad[1]:
-                d_gate_N = (d_live_NM * x_SM.index_select(0, token_N)).sum(1)
-            d_live_NM = d_live_NM * gate_N.unsqueeze(1)
-        d_x_SM = None
-        if ctx.needs_input_grad[0]:
-            d_x_SM = d_live_NM.new_zeros(ctx.num_tokens, d_live_NM.shape[1])
-            d_x_SM.index_add_(0, token_N, d_live_NM)
-        return d_x_SM, d_gate_N, None, None, None, None
+    def backward(ctx, d_rows_RM):
+        x_SM, gates_SK = ctx.saved_tensors
+        plan = ctx.plan
+        d_rows_RM = d_rows_RM.contiguous()
+        d_gates = _pair_dots(x_SM, d_rows_RM, plan) if ctx.prescale and ctx.needs_input_grad[1] else None
+        d_x = _combine(d_rows_RM, plan, gates_SK) if ctx.needs_input_grad[0] else None
+        return d_x, d_gates, None, None
 
 
 class _Decode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_RO, gate_N, token_N, row_N, num_tokens, weighted):
-        live_NO = y_RO if row_N is None else y_RO.index_select(0, row_N)
-        contrib_NO = live_NO * gate_N.unsqueeze(1) if weighted else live_NO
-        out_SO = y_RO.new_zeros(num_tokens, y_RO.shape[1])
-        out_SO.index_add_(0, token_N, contrib_NO)
-        ctx.rows, ctx.weighted = y_RO.shape[0], weighted
-        ctx.save_for_backward(live_NO if weighted else None, gate_N if weighted else None, token_N, row_N)
-        return out_SO
+    def forward(ctx, y_RO, gates_SK, plan: RoutePlan, weighted: bool):
+        ctx.plan, ctx.weighted = plan, weighted
+        ctx.save_for_backward(y_RO if weighted else None, gates_SK if weighted else None)
+        return _combine(y_RO, plan, gates_SK if weighted else None)
 
     @staticmethod
     def backward(ctx, d_out_SO):
-        live_NO, gate_N, token_N, row_N = ctx.saved_tensors
-        d_live_NO = d_out_SO.index_select(0, token_N)
-        d_gate_N = None
-        if ctx.weighted:
-            if ctx.needs_input_grad[1]:
-                d_gate_N = (d_live_NO * live_NO).sum(1)  # <dy[s], Y[slot]>
-            d_live_NO.mul_(gate_N.unsqueeze(1))
-        d_y_RO = d_live_NO
-        if row_N is not None:
-            d_y_RO = d_live_NO.new_zeros(ctx.rows, d_live_NO.shape[1])
-            d_y_RO.index_copy_(0, row_N, d_live_NO)
-        return d_y_RO, d_gate_N, None, None, None, None
+        y_RO, gates_SK = ctx.saved_tensors
+        plan = ctx.plan
+        d_out_SO = d_out_SO.contiguous()
+        d_gates = _pair_dots(d_out_SO, y_RO, plan) if ctx.weighted and ctx.needs_input_grad[1] else None
+        scale_N = gates_SK.reshape(-1).index_select(0, plan.flat_N) if ctx.weighted else None
+        d_y = _dispatch(d_out_SO, plan, scale_N) if ctx.needs_input_grad[0] else None
+        return d_y, d_gates, None, None
 
 
 def encode(x_SM: torch.Tensor, plan: RoutePlan, is_postscore: bool) -> torch.Tensor:
     """Dispatched rows [R, M]; pre-scaled by the gate when ``is_postscore`` is False."""
-    gate_N = plan.gate_N.to(x_SM.dtype)
-    return _Encode.apply(x_SM, gate_N, plan.token_N, plan.row_N, plan.rows, not is_postscore)
+    return _Encode.apply(x_SM, plan.gates_SK.to(x_SM.dtype), plan, not is_postscore)
 
 
 def decode(y_RO: torch.Tensor, plan: RoutePlan, is_postscore: bool) -> torch.Tensor:
     """Combined output [S, O]; gate-weighted when ``is_postscore`` is True."""
-    gate_N = plan.gate_N.to(y_RO.dtype)
-    return _Decode.apply(y_RO, gate_N, plan.token_N, plan.row_N, plan.num_tokens, is_postscore)
+    return _Decode.apply(y_RO, plan.gates_SK.to(y_RO.dtype), plan, is_postscore)

@@ -80,39 +80,38 @@ class RowSpec:
 
 
 class _ExpertRows(torch.autograd.Function):
+    """Per-expert GEMMs on row ranges; each elementwise step runs once over all rows
+    (fewer, larger parallel regions: cheaper, and far less sensitive to a busy machine)."""
+
     @staticmethod
     def forward(ctx, x_NM, spec: RowSpec, w_in, w_gate, w_out, b_in, b_out):
         N, H, O = x_NM.shape[0], w_in.shape[1] if spec.in_transposed else w_in.shape[2], w_out.shape[2]
         if sum(spec.splits) != N:
             raise ValueError(f"expert row splits {spec.splits} do not cover the {N} rows")
         h_NH = x_NM.new_empty(N, H)  # pre-activation
-        a_NH = x_NM.new_empty(N, H)  # activation (times the gate branch when gated)
-        s_NH = x_NM.new_empty(N, H) if spec.gated else None  # act(h), kept for backward
         u_NH = x_NM.new_empty(N, H) if spec.gated else None  # gate branch x @ W_gate
-        y_NO = x_NM.new_empty(N, O)
-        for e, r0, r1 in spec.ranges():
-            if r0 == r1:
-                continue
-            x_e, h_e, a_e = x_NM[r0:r1], h_NH[r0:r1], a_NH[r0:r1]
+        live = [(e, r0, r1) for e, r0, r1 in spec.ranges() if r1 > r0]
+        for e, r0, r1 in live:
+            x_e = x_NM[r0:r1]
             w_in_e = w_in[e].t() if spec.in_transposed else w_in[e]
             if b_in is None:
-                torch.mm(x_e, w_in_e, out=h_e)
+                torch.mm(x_e, w_in_e, out=h_NH[r0:r1])
             else:
-                torch.addmm(b_in[e], x_e, w_in_e, out=h_e)
+                torch.addmm(b_in[e], x_e, w_in_e, out=h_NH[r0:r1])
             if spec.gated:
-                s_e, u_e = s_NH[r0:r1], u_NH[r0:r1]
-                _act_forward(spec.act_kind, spec.act, h_e, s_e)
-                torch.mm(x_e, w_gate[e], out=u_e)
-                torch.mul(s_e, u_e, out=a_e)
-            else:
-                _act_forward(spec.act_kind, spec.act, h_e, a_e)
+                torch.mm(x_e, w_gate[e], out=u_NH[r0:r1])
+        s_NH = x_NM.new_empty(N, H)  # act(h)
+        _act_forward(spec.act_kind, spec.act, h_NH, s_NH)
+        a_NH = s_NH * u_NH if spec.gated else s_NH  # input of the output projection
+        y_NO = x_NM.new_empty(N, O)
+        for e, r0, r1 in live:
             if b_out is None:
-                torch.mm(a_e, w_out[e], out=y_NO[r0:r1])
+                torch.mm(a_NH[r0:r1], w_out[e], out=y_NO[r0:r1])
             else:
-                torch.addmm(b_out[e], a_e, w_out[e], out=y_NO[r0:r1])
+                torch.addmm(b_out[e], a_NH[r0:r1], w_out[e], out=y_NO[r0:r1])
         ctx.spec = spec
         ctx.has_b_in, ctx.has_b_out = b_in is not None, b_out is not None
-        ctx.save_for_backward(x_NM, w_in, w_gate, w_out, h_NH, a_NH, s_NH, u_NH)
+        ctx.save_for_backward(x_NM, w_in, w_gate, w_out, h_NH, a_NH, s_NH if spec.gated else None, u_NH)
         return y_NO
 
     @staticmethod
@@ -127,26 +126,29 @@ class _ExpertRows(torch.autograd.Function):
         d_out = torch.empty_like(w_out) if need_out else None
         d_b_in = x_NM.new_empty(w_in.shape[0], h_NH.shape[1]) if need_b_in and ctx.has_b_in else None
         d_b_out = x_NM.new_empty(w_out.shape[0], w_out.shape[2]) if need_b_out and ctx.has_b_out else None
+        grads = [g for g in (d_in, d_gate, d_out, d_b_in, d_b_out) if g is not None]
+        live = []
         for e, r0, r1 in spec.ranges():
-            if r0 == r1:
-                for grad in (d_in, d_gate, d_out, d_b_in, d_b_out):
-                    if grad is not None:
-                        grad[e].zero_()
-                continue
-            x_e, h_e, a_e, dy_e = x_NM[r0:r1], h_NH[r0:r1], a_NH[r0:r1], d_y_NO[r0:r1]
+            if r1 > r0:
+                live.append((e, r0, r1))
+            else:  # an expert no token reached gets zero gradients
+                for grad in grads:
+                    grad[e].zero_()
+        d_a_NH = x_NM.new_empty(h_NH.shape)
+        for e, r0, r1 in live:
+            dy_e = d_y_NO[r0:r1]
+            torch.mm(dy_e, w_out[e].t(), out=d_a_NH[r0:r1])
             if d_out is not None:
-                torch.mm(a_e.t(), dy_e, out=d_out[e])
+                torch.mm(a_NH[r0:r1].t(), dy_e, out=d_out[e])
             if d_b_out is not None:
                 torch.sum(dy_e, 0, out=d_b_out[e])
-            d_a = torch.mm(dy_e, w_out[e].t())
-            if spec.gated:
-                s_e, u_e = s_NH[r0:r1], u_NH[r0:r1]
-                d_u = d_a * s_e
-                d_h = _act_backward(spec.act_kind, spec.act, d_a.mul_(u_e), h_e)
-                if d_gate is not None:
-                    torch.mm(x_e.t(), d_u, out=d_gate[e])
-            else:
-                d_h = _act_backward(spec.act_kind, spec.act, d_a, h_e)
+        if spec.gated:
+            d_u_NH = d_a_NH * s_NH
+            d_h_NH = _act_backward(spec.act_kind, spec.act, d_a_NH.mul_(u_NH), h_NH)
+        else:
+            d_h_NH = _act_backward(spec.act_kind, spec.act, d_a_NH, h_NH)
+        for e, r0, r1 in live:
+            x_e, d_h = x_NM[r0:r1], d_h_NH[r0:r1]
             if d_b_in is not None:
                 torch.sum(d_h, 0, out=d_b_in[e])
             if d_in is not None:
@@ -154,11 +156,12 @@ class _ExpertRows(torch.autograd.Function):
                     torch.mm(d_h.t(), x_e, out=d_in[e])
                 else:
                     torch.mm(x_e.t(), d_h, out=d_in[e])
+            if spec.gated and d_gate is not None:
+                torch.mm(x_e.t(), d_u_NH[r0:r1], out=d_gate[e])
             if d_x is not None:
-                w_in_e_t = w_in[e] if spec.in_transposed else w_in[e].t()
-                torch.mm(d_h, w_in_e_t, out=d_x[r0:r1])
+                torch.mm(d_h, w_in[e] if spec.in_transposed else w_in[e].t(), out=d_x[r0:r1])
                 if spec.gated:
-                    d_x[r0:r1].addmm_(d_u, w_gate[e].t())
+                    d_x[r0:r1].addmm_(d_u_NH[r0:r1], w_gate[e].t())
         return d_x, None, d_in, d_gate, d_out, d_b_in, d_b_out
 
 
@@ -229,7 +232,8 @@ class LlamaFFNExperts(_ExpertBase):
     def full_views(self, weights):
         """[E, M, H], [E, M, H], [E, H, M] views of full flat weights (trailing padding ignored)."""
         E, M, H = self.num_local, self.model_dim, self.hidden
-        w1, w2, w3 = (w[: E * M * H] for w in weights)
+        numel = E * M * H  # slicing only when padded: a slice's backward zero-fills the whole parameter
+        w1, w2, w3 = (w if w.numel() == numel else w[:numel] for w in weights)
         return w1.view(E, M, H), w2.view(E, M, H), w3.view(E, H, M)
 
     def compute_rows(self, x_NM: torch.Tensor, splits, weights=None) -> torch.Tensor:

@@ -37,7 +37,8 @@ class RoutePlan:
     token_N: torch.Tensor  # token of each live row, rows ordered expert-major, slot-minor
     choice_N: torch.Tensor  # which of the K choices it is
     slot_N: torch.Tensor  # e * C + loc: row in the padded [E*C] buffer
-    gate_N: torch.Tensor  # gate value of each live row (differentiable)
+    row_SK: torch.Tensor  # row of each choice in the dispatched buffer (0 where dropped)
+    keep_SK: torch.Tensor | None  # 1/0 in the gates' dtype; None when nothing was dropped
     padded: bool  # dispatched buffer is [E*C, M] (True) or compact [N, M] (False)
     overlap_degree: int = 1
     adaptive_r: int | None = None
@@ -59,6 +60,11 @@ class RoutePlan:
     def row_N(self) -> torch.Tensor | None:
         """Row of each live choice in the dispatched buffer; None means row n is live row n."""
         return self.slot_N if self.padded else None
+
+    @property
+    def flat_N(self) -> torch.Tensor:
+        """Index of each live choice in the flattened [S*K] gates."""
+        return self.token_N * self.top_k + self.choice_N
 
 
 def capacity_for(
@@ -139,7 +145,10 @@ def build_plan(
         live = torch.nonzero(keep, as_tuple=True)[0]
         token_N, choice_N = token_sorted[live], choice_sorted[live]
         expert_N, loc_N = expert_sorted[live], loc_sorted[live]
-    gate_N = gates_SK.reshape(-1).index_select(0, token_N * K + choice_N)
+    slot_N = expert_N * C + loc_N
+    row_SK = torch.zeros_like(idx_SK)
+    row_SK[token_N, choice_N] = slot_N if padded else torch.arange(token_N.numel(), device=idx_SK.device)
+    keep_SK = None if token_N.numel() == S * K else (loc_SK < C).to(gates_SK.dtype)
     return RoutePlan(
         num_tokens=S,
         num_experts=num_experts,
@@ -152,8 +161,9 @@ def build_plan(
         fill_E=torch.clamp(counts_E, max=C).tolist(),
         token_N=token_N,
         choice_N=choice_N,
-        slot_N=expert_N * C + loc_N,
-        gate_N=gate_N,
+        slot_N=slot_N,
+        row_SK=row_SK,
+        keep_SK=keep_SK,
         padded=padded,
     )
 

@@ -1,0 +1,163 @@
+"""Harness adapter: tutel_native behind the uniform MoELayerAdapter interface.
+
+With option gate='cosine_top' only the experts come from canonical weights (canonical
+gates are linear); the cosine gate keeps its init seeded from knobs.seed.
+
+Canonical -> Tutel layout (systems/base.py): llama_ffn W_fc1 = w1^T, W_fc2 = w3^T,
+W_fc3 = w2 (stored flat); ffn batched_fc1_w = w1, batched_fc2_w = w2, biases as is.
+Legend: T tokens, M model dim, H expert hidden, E experts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from systems.base import (
+    Availability,
+    CanonicalWeights,
+    LayerShape,
+    MoEKnobs,
+    MoELayerAdapter,
+    MoEOutput,
+    MoESystem,
+    ParallelSpec,
+    RoutingStats,
+)
+from systems.tutel_native.layer import MoELayer
+
+OPTIONS = {
+    "overlap_degree": "a2a_ffn_overlap_degree (int >= 1)",
+    "adaptive_r": "adaptive degree r (0 or a divisor of sharded_count)",
+    "bpr": "batch-prioritized routing (bool)",
+    "is_postscore": "scale by the gate after the experts (bool)",
+    "gate": "'top' or 'cosine_top'",
+    "use_2dh": "2D hierarchical all-to-all (bool)",
+    "local_size": "ranks per node for use_2dh (int)",
+    "profile_phases": "measure per-phase wall time (bool; adds synchronisation)",
+}
+
+
+class TutelNativeLayer(MoELayerAdapter):
+    def __init__(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec):
+        super().__init__()
+        shape.validate()
+        self.shape, self.knobs, self.parallel = shape, knobs, parallel
+        opts = knobs.options
+        group, self.ep_rank = None, 0
+        if parallel.ep > 1:
+            from harness.distributed import expert_parallel_group
+
+            group, self.ep_rank = expert_parallel_group(parallel.ep)
+        self.num_local = shape.num_experts // parallel.ep
+        if shape.activation == "swiglu":
+            experts = {"type": "llama_ffn", "activation_fn": F.silu}
+        else:
+            experts = {
+                "type": "ffn",
+                "activation_fn": F.gelu if shape.activation == "gelu" else F.relu,
+                "has_fc1_bias": shape.expert_bias,
+                "has_fc2_bias": shape.expert_bias,
+            }
+        experts.update(num_experts_per_device=self.num_local, hidden_size_per_expert=shape.ffn_dim)
+        cf = knobs.capacity_factor
+        self.layer = MoELayer(
+            {"type": opts.get("gate", "top"), "k": shape.top_k, "capacity_factor": 0.0 if cf is None else cf},
+            shape.model_dim,
+            experts,
+            group=group,
+            a2a_ffn_overlap_degree=int(opts.get("overlap_degree", 1)),
+            is_postscore=bool(opts.get("is_postscore", True)),
+            batch_prioritized_routing=bool(opts.get("bpr", False)),
+            parallel_type=f"adaptive:{int(opts.get('adaptive_r', 1))}",
+            use_2dh=bool(opts.get("use_2dh", False)),
+            local_size=opts.get("local_size"),
+            seeds=(knobs.seed, knobs.seed + 1, None),
+        ).to(knobs.torch_dtype)
+        self.layer.phase_clock.enabled = bool(opts.get("profile_phases", False))
+
+    def load_canonical(self, weights: CanonicalWeights) -> None:
+        local = weights.expert_slice(self.ep_rank * self.num_local, self.num_local)
+        ex = self.layer.experts
+        with torch.no_grad():
+            gate = self.layer.gates[0]
+            if hasattr(gate, "wg"):  # a cosine_top gate keeps its seeded init: canonical gates are linear
+                gate.wg.weight.copy_(weights.gate_EM)
+            if self.shape.activation == "swiglu":
+                ex.W_fc1.copy_(local.w1_EHM.transpose(1, 2).reshape(-1))
+                ex.W_fc2.copy_(local.w3_EHM.transpose(1, 2).reshape(-1))
+                ex.W_fc3.copy_(local.w2_EHM.reshape(-1))
+            else:
+                ex.batched_fc1_w.copy_(local.w1_EHM)
+                ex.batched_fc2_w.copy_(local.w2_EHM)
+                if ex.batched_fc1_bias is not None:
+                    ex.batched_fc1_bias.copy_(local.b1_EH)
+                    ex.batched_fc2_bias.copy_(local.b2_EM)
+
+    def export_canonical(self) -> CanonicalWeights:
+        """This rank's experts in canonical layout (the inverse of load_canonical) with the full gate."""
+        ex, E, M, H = self.layer.experts, self.num_local, self.shape.model_dim, self.shape.ffn_dim
+        with torch.no_grad():
+            gate = self.layer.gates[0]
+            if not hasattr(gate, "wg"):
+                raise ValueError("a cosine_top gate has no canonical (linear) form to export")
+            gate_EM = gate.wg.weight.detach().clone()
+            if self.shape.activation == "swiglu":
+                return CanonicalWeights(
+                    gate_EM=gate_EM,
+                    w1_EHM=ex.W_fc1.detach().view(E, M, H).transpose(1, 2).contiguous(),
+                    w3_EHM=ex.W_fc2.detach().view(E, M, H).transpose(1, 2).contiguous(),
+                    w2_EHM=ex.W_fc3.detach().view(E, H, M).clone(),
+                )
+            bias = ex.batched_fc1_bias is not None
+            return CanonicalWeights(
+                gate_EM=gate_EM,
+                w1_EHM=ex.batched_fc1_w.detach().clone(),
+                w2_EHM=ex.batched_fc2_w.detach().clone(),
+                b1_EH=ex.batched_fc1_bias.detach().clone() if bias else None,
+                b2_EM=ex.batched_fc2_bias.detach().clone() if bias else None,
+            )
+
+    def forward(self, x_TM: torch.Tensor, **kwargs) -> MoEOutput:
+        """``kwargs`` pass through to the layer (capacity_factor, top_k, ... at run time)."""
+        y_TM = self.layer(x_TM, **kwargs)
+        return MoEOutput(y_TM, y_TM.l_aux)
+
+    def routing_stats(self) -> RoutingStats:
+        stats = self.layer.last_stats
+        if stats is None:
+            raise RuntimeError("routing_stats() called before the first forward")
+        return RoutingStats(
+            tokens_per_expert=stats.dispatch_count,
+            dropped=stats.dropped,
+            capacity=stats.capacity,
+            l_aux=float(self.layer.l_aux.detach()),
+            expert_rows_computed=stats.rows_computed,
+        )
+
+    def phase_times(self) -> dict[str, float] | None:
+        clock = self.layer.phase_clock
+        return dict(clock.times) if clock.enabled and clock.times else None
+
+
+class TutelNative(MoESystem):
+    name = "tutel_native"
+    description = "native Tutel-style adaptive MoE: sparse dispatch, live-row experts, adaptive r/d/capacity"
+
+    def check_support(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec) -> Availability:
+        unknown = sorted(set(knobs.options) - set(OPTIONS))
+        if unknown:
+            return Availability.no(f"tutel_native does not understand option(s) {unknown}; known: {sorted(OPTIONS)}")
+        gate = knobs.options.get("gate", "top")
+        if gate not in ("top", "cosine_top"):
+            return Availability.no(f"gate must be 'top' or 'cosine_top', got {gate!r}")
+        if parallel.tp != 1:
+            return Availability.no("tutel_native has no tensor parallelism (tp must be 1)")
+        if parallel.world_size > 1:
+            try:
+                from systems.tutel_native import parallel as _parallel  # noqa: F401
+            except ImportError:
+                return Availability.no("multi-rank tutel_native needs systems/tutel_native/parallel.py")
+        return Availability.yes()
+
+    def build_layer(self, shape, knobs, parallel, layer_index=0):
+        return TutelNativeLayer(shape, knobs, parallel)
