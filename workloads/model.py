@@ -37,8 +37,9 @@ from systems.base import CanonicalWeights, MoEKnobs, MoELayerAdapter, MoESystem,
 from workloads.routing import seeded_generator
 from workloads.spec import Workload
 
-# Switch Transformer (Fedus et al., 2021, sec. 2.2) uses alpha = 1e-2 for the
-# load-balancing loss; the same weight is the common GShard-style default.
+# Switch Transformer (Fedus et al., 2021, sec. 2.2) weights its load-balancing
+# loss by alpha = 1e-2; we apply the same weight to the GShard-style aux loss
+# every system returns.
 AUX_LOSS_COEF = 0.01
 INIT_STD = 0.02  # GPT-2 / nanoGPT
 

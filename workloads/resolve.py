@@ -176,7 +176,11 @@ def resolve_workload(
         where = f"{path}: "
         run = {key: top[key] for key in RUN_FIELDS if key in top}
         if "base" in top:
-            workload = _apply(get_workload(top["base"], top.get("flavor", flavor)), run, layer, model)
+            try:
+                base = get_workload(top["base"], top.get("flavor", flavor))
+            except ValueError as exc:
+                raise ValueError(f"{where}{exc}") from None
+            workload = _apply(base, run, layer, model)
             workload = replace(workload, name=top.get("name", workload.name))
             notes.append(f"from config {path} on {top['base']}/{workload.flavor}")
         else:
