@@ -45,8 +45,14 @@ def _entry(rank, world, port, fn, args):
 
 
 def spawn(fn, world: int, *args) -> None:
-    """Run fn(rank, world, *args) on `world` gloo ranks; a failing rank fails the test."""
-    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    """Run fn(rank, world, *args) on `world` gloo ranks; a failing rank fails the test.
+
+    Ranks fork from one forkserver that imported torch once (a fresh spawn
+    pays the torch import per rank, seconds each on a loaded 2-core machine);
+    the server never ran torch ops, so forking it is safe.
+    """
+    mp.set_forkserver_preload(["torch", "torch.distributed", __name__, fn.__module__])
+    mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True, start_method="forkserver")
 
 
 # ---- reference comparison ------------------------------------------------------------------------
