@@ -56,5 +56,6 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for rank, state in enumerate(converted):
         torch.save(state, out / f"rank{rank}.pt")
-    print(f"converted {len(states)} rank file(s) to world size {args.world_size}: {out}/rank0..{args.world_size - 1}.pt")
+    last = args.world_size - 1
+    print(f"converted {len(states)} rank file(s) to world size {args.world_size}: {out}/rank0..{last}.pt")
     return 0
