@@ -67,9 +67,19 @@ def apply() -> None:
     _applied = True
 
 
-def _host_sync_noop(self, point, tokens_per_expert=None):
-    # On CPU every split is already host memory: Megatron's own maybe_move_tensor_to_cpu
-    # leaves CPU tensors as they are, so only the stream wait/record is dropped.
+SPLIT_ATTRS = ("input_splits", "output_splits", "output_splits_tp")
+
+
+def _host_sync_without_streams(self, point, tokens_per_expert=None):
+    # What the GPU path does at its device-to-host point, minus the CUDA stream
+    # wait/record: the all-to-all split sizes become host (numpy) arrays, which
+    # all_to_all_single needs (it rejects tensors). Everything else already lives
+    # in host memory on a CPU machine.
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        for name in SPLIT_ATTRS:
+            value = getattr(self, name, None)
+            if torch.is_tensor(value):
+                setattr(self, name, value.numpy())
     return tokens_per_expert
 
 
@@ -79,4 +89,4 @@ def patch_layer(layer) -> None:
     # Failure: the all-to-all dispatcher's dropless path synchronises through
     # torch.cuda.current_stream()/torch.cuda.stream() in _maybe_dtoh_and_synchronize.
     if hasattr(dispatcher, "_maybe_dtoh_and_synchronize"):
-        dispatcher._maybe_dtoh_and_synchronize = types.MethodType(_host_sync_noop, dispatcher)
+        dispatcher._maybe_dtoh_and_synchronize = types.MethodType(_host_sync_without_streams, dispatcher)
