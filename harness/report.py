@@ -70,6 +70,12 @@ def _format_cf(knobs: dict) -> str:
     return "dropless" if cf is None else f"{cf:g}"
 
 
+def _median_calibration_ms(rounds: list[dict]) -> float | None:
+    """Median calibration matmul time before the trial's rounds: a machine-speed check for the reader."""
+    values = [r["calibration_before_s"] for r in rounds if r.get("calibration_before_s") is not None]
+    return None if not values else stats.summarize(values)["median"] * 1000.0
+
+
 def _trial_row(doc: dict, trial: dict) -> dict:
     summary = trial.get("summary") or {}
     check = trial.get("check")
@@ -88,6 +94,7 @@ def _trial_row(doc: dict, trial: dict) -> dict:
         "iqr_ms": summary["iqr"] * to_ms if summary else None,
         "outliers": (summary["outliers_low"] + summary["outliers_high"]) if summary else None,
         "check_passed": None if check is None else bool(check["passed"]),
+        "calibration_ms": _median_calibration_ms(trial.get("rounds") or []),
         "tokens_per_s": throughput.get("tokens_per_s"),
         "useful_tflops": throughput.get("useful_tflops"),
         "executed_tflops": throughput.get("executed_tflops"),
@@ -347,7 +354,8 @@ def choose_baseline(frame, requested: str | None) -> str | None:
 
 def _csv_iteration(frame):
     columns = ["id", *KEY_COLUMNS, "system", "status", "n", "median_ms", "q1_ms", "q3_ms", "iqr_ms", "outliers",
-               "tokens_per_s", "useful_tflops", "executed_tflops", "check_passed", "run_id", "created_utc", "message"]
+               "calibration_ms", "tokens_per_s", "useful_tflops", "executed_tflops", "check_passed", "run_id",
+               "created_utc", "message"]
     table = frame[columns].sort_values(["id"])
     return table.astype({"n": "Int64", "outliers": "Int64", "check_passed": "boolean"})
 

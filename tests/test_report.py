@@ -158,6 +158,7 @@ def test_outputs_are_written(tmp_path):
     ref = csv[csv.system == "torch_reference"].iloc[0]
     assert [ref.median_ms, ref.q1_ms, ref.q3_ms] == pytest.approx([12.0, 11.0, 13.0])
     assert (ref.n, ref.status) == (3, "ok")
+    assert ref.calibration_ms == pytest.approx(50.0)  # the round's 0.05 s calibration matmul
     assert csv[csv.system == "deepspeed_moe"].iloc[0].status == "error"
 
 

@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", default="reports", help="output directory (default: reports/)")
     parser.add_argument("--include-unchecked", action="store_true",
                         help="show speedups of systems whose equivalence check failed (marked)")
-    parser.add_argument("--title", default="MoE iteration time", help="title of the tables and chart")
+    parser.add_argument("--title", default="moebench", help="title of the tables and chart (default: moebench)")
 
 
 def _command_line(args: argparse.Namespace) -> list[str]:
