@@ -121,24 +121,6 @@ class ShardPlan:
         return self.sharded_count * overlap_degree
 
 
-def parse_parallel_type(parallel_type: str, sharded_count: int) -> int:
-    """'adaptive:r' -> r, 'data' -> 1, 'model' -> sc; validated against sc."""
-    if parallel_type == "data":
-        r = 1
-    elif parallel_type == "model":
-        r = sharded_count
-    elif isinstance(parallel_type, str) and parallel_type.startswith("adaptive:"):
-        try:
-            r = int(parallel_type.split(":", 1)[1])
-        except ValueError:
-            raise ValueError(f"parallel_type {parallel_type!r}: 'adaptive:' needs an integer") from None
-    else:
-        raise ValueError(f"parallel_type must be 'data', 'model' or 'adaptive:<r>', got {parallel_type!r}")
-    if r != 0 and (r < 0 or sharded_count % r):
-        raise ValueError(f"parallel_type {parallel_type!r}: r must be 0 or a divisor of sharded_count {sharded_count}")
-    return r
-
-
 # ----------------------------------------------------------------------------------------------
 # Expert weights as seen under degree r, and the functional expert math.
 
