@@ -19,6 +19,7 @@ from harness.errors import UsageError
 KEY_COLUMNS = ["workload", "flavor", "level", "mode", "routing", "ws", "ep", "dtype", "cf"]
 DEFAULT_BASELINES = ("tutel_native", "torch_reference")
 CHECK_FAILED_MARK = "†"
+CROSS_RUN_MARK = "‡"
 MISSING = "—"
 CONFIDENCE = 0.95
 N_BOOT = 2000
@@ -185,6 +186,8 @@ def speedup_cell(base: dict | None, record: dict | None, is_baseline: bool, incl
     if unchecked and not include_unchecked:
         return SpeedupCell("check failed" if record["check_passed"] is False else "baseline check failed")
     mark = f" {CHECK_FAILED_MARK}" if unchecked else ""
+    if base["run_id"] != record["run_id"]:
+        mark += f" {CROSS_RUN_MARK}"
     if is_baseline:
         return SpeedupCell(f"1.00 (baseline){mark}", 1.0, 1.0, 1.0, unchecked)
     ratio = base["median_ms"] / record["median_ms"]
@@ -249,7 +252,10 @@ def provenance(docs: list[dict], frame, superseded: int, report_command: list[st
     used = set(frame["run_id"])
     docs = sorted((d for d in docs if d["run_id"] in used), key=lambda d: (d["created_utc"], d["run_id"]))
     lines = ["**Provenance**", ""]
-    lines += [f"- machine: {text}" for text in _distinct(docs, lambda d: _machine(d["environment"]))]
+    machines = _distinct(docs, lambda d: _machine(d["environment"]))
+    lines += [f"- machine: {text}" for text in machines]
+    if len(machines) > 1:
+        lines.append("- WARNING: these results come from different machines; compare systems within one machine only.")
     lines += [f"- code: git {text}" for text in _distinct(docs, lambda d: _git(d["git"]))]
     lines += [f"- method: {text}" for text in _distinct(docs, lambda d: _method(d["method"]))]
     for doc in docs:
@@ -276,7 +282,8 @@ ITERATION_LEGEND = (
 def speedup_legend(baseline: str, include_unchecked: bool) -> str:
     text = (f"Speedup = {baseline} median / system median (above 1: faster than {baseline}); [low, high] is a "
             f"{CONFIDENCE:.0%} percentile-bootstrap interval of that ratio of medians ({N_BOOT} resamples, "
-            f"seed {BOOT_SEED}; shown when both trials have at least 2 samples). ")
+            f"seed {BOOT_SEED}; shown when both trials have at least 2 samples). {CROSS_RUN_MARK}: baseline and "
+            "system come from different runs, so they were not interleaved on the machine; trust such ratios less. ")
     if include_unchecked:
         return text + f"{CHECK_FAILED_MARK}: the output failed the equivalence check; shown on request anyway."
     return text + ("'check failed': left out because its output differed from the reference "

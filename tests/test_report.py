@@ -127,12 +127,24 @@ def test_newest_run_wins_and_the_footer_says_so(tmp_path):
           command_line=["./moebench", "run", "--systems", "deepspeed_moe"])
     rep = report(tmp_path)
     assert cell(rep.iteration_markdown, "deepspeed_moe") == "10.0 ± 0.0"
-    assert cell(rep.speedup_markdown, "deepspeed_moe") == "2.00 [2.00, 2.00]"
+    assert cell(rep.speedup_markdown, "deepspeed_moe") == "2.00 [2.00, 2.00] ‡"  # baseline from the older run
+    assert "‡: baseline and system come from different runs" in rep.speedup_markdown
     for md in (rep.iteration_markdown, rep.speedup_markdown):
         assert "1 trial(s) also appeared in an older run; the newest run's result is shown" in md
         assert "`./moebench run --systems deepspeed_moe`" in md
         assert "2026-11-29T05:00:00Z" in md
         assert "git 0123456789ab (dirty" in md
+
+
+def test_mixed_machines_are_flagged(tmp_path):
+    write(tmp_path, "a.json", [make_trial("torch_reference", REF)], run_id="20261129T000000Z-aaaaaa")
+    other = make_document([make_trial("deepspeed_moe", REF)], run_id="20261129T010000Z-cccccc",
+                          created="2026-11-29T01:00:00Z")
+    other["environment"]["cpu_model"] = "Other CPU"
+    write_atomic(other, tmp_path / "results" / "b.json")
+    md = report(tmp_path).iteration_markdown
+    assert "machine: Other CPU" in md and "(runs 20261129T010000Z-cccccc)" in md
+    assert "WARNING: these results come from different machines" in md
 
 
 def test_footer_names_machine_method_and_commands(tmp_path):
@@ -145,6 +157,7 @@ def test_footer_names_machine_method_and_commands(tmp_path):
     assert "`./moebench run --workload mixtral-8x7b`" in md
     assert "report: `python -m harness report results`" in md
     assert "(none here)" in md
+    assert "WARNING" not in md
 
 
 def test_outputs_are_written(tmp_path):
