@@ -122,8 +122,44 @@ def _expert_parallel_2(rank, world):
     compare_with_reference(rank, world, {**LLAMA, "num_experts_per_device": 1}, 1, [(1, 1), (1, 2), (0, 1)])
 
 
+class ScaleExperts(torch.nn.Module):
+    """A custom expert type: y = tanh(x @ w[e]) per local expert."""
+
+    def __init__(self, model_dim, num_experts_per_device, sharded_count):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(num_experts_per_device, model_dim, model_dim) / model_dim**0.5)
+
+    def forward(self, x_ENM, ctx=None):
+        return torch.tanh(torch.bmm(x_ENM, self.w))
+
+
+def _custom_experts_2(rank, world):
+    custom = {"type": "custom", "module": ScaleExperts, "num_experts_per_device": 2}
+    layer = make_layer(custom, 2)
+    ref = make_layer({**custom, "num_experts_per_device": 4}, 2, group=subgroup((rank,)))
+    everyone = [None] * world
+    dist.all_gather_object(everyone, layer.state_dict())
+    with torch.no_grad():
+        ref.experts.w.copy_(torch.cat([s["experts.w"] for s in everyone]))
+    x = torch.randn(16, M, generator=torch.Generator().manual_seed(rank))
+    dy = torch.randn(16, M, generator=torch.Generator().manual_seed(50 + rank))
+    y_ref, dx_ref, g_ref = run_step(ref, x, dy, capacity_factor=0.0)
+    y, dx, g = run_step(layer, x, dy, capacity_factor=0.0, a2a_ffn_overlap_degree=2)
+    torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(dx, dx_ref, atol=ATOL, rtol=RTOL)
+    dist.all_reduce(g_ref["experts.w"])
+    torch.testing.assert_close(g["experts.w"], g_ref["experts.w"][2 * rank : 2 * rank + 2], atol=ATOL, rtol=RTOL)
+    with pytest.raises(ValueError, match="custom experts cannot be gathered"):
+        layer(x, adaptive_r=0)
+
+
+def _two_rank_cases(rank, world):
+    _expert_parallel_2(rank, world)
+    _custom_experts_2(rank, world)
+
+
 def test_expert_parallel_two_ranks_equals_single_process():
-    spawn(_expert_parallel_2, 2)
+    spawn(_two_rank_cases, 2)
 
 
 def _sharded_4(rank, world):
@@ -181,6 +217,21 @@ def _overlap_and_grads_2(rank, world):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     with pytest.raises(ValueError, match="multiple"):
         run_experts(D[:, :6], expert_fn, plan, 1, 4)
+    # the pipeline really is one: every dispatch is in flight before the first expert runs,
+    # and chunk 0's combine is issued before chunk 1's experts run
+    events = []
+
+    class RecordingExchange(Exchange):
+        def start(self, x):
+            events.append("send")
+            return super().start(x)
+
+    def recording_fn(x_nNM):
+        events.append("experts")
+        return expert_fn(x_nNM)
+
+    run_experts(D, recording_fn, plan, 1, 2, RecordingExchange.build())
+    assert events == ["send", "send", "experts", "send", "experts", "send"]
     # gate gradients: averaged over ranks; expert gradients untouched
     layer = make_layer({**FFN, "num_experts_per_device": 1}, 2)
     x = torch.randn(16, M, generator=gen)
