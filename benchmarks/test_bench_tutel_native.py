@@ -1,0 +1,44 @@
+"""pytest-benchmark view of bench_tutel_native.py (run: tox -e bench-pytest, or
+.venv/bin/python -m pytest benchmarks/test_bench_tutel_native.py --benchmark-only).
+
+Same cases, same proxy layer; pytest-benchmark groups them so the table shows
+the useful-GEMM floor next to the layer. Ratios, not absolute times, are the result.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.bench_tutel_native import SHAPE, layer_step, useful_ffn, useful_gemms
+from systems.base import CanonicalWeights, MoEKnobs, ParallelSpec
+from systems.torch_reference import ReferenceMoELayer
+from systems.tutel_native.adapter import TutelNative
+
+pytestmark = pytest.mark.benchmark(group="tutel_native mixtral-8x7b proxy fwd+bwd")
+TOKENS = 1024
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(0)
+    knobs = MoEKnobs(capacity_factor=1.25)
+    weights = CanonicalWeights.random(SHAPE, seed=0)
+    x = torch.randn(TOKENS, SHAPE.model_dim, generator=gen)
+    dy = torch.randn(TOKENS, SHAPE.model_dim, generator=gen)
+    tutel = TutelNative().build_layer(SHAPE, knobs, ParallelSpec())
+    tutel.load_canonical(weights)
+    reference = ReferenceMoELayer(SHAPE, knobs, ParallelSpec())
+    reference.load_canonical(weights)
+    return {
+        "gemm": useful_gemms(TOKENS, SHAPE, torch.float32, gen),
+        "ffn": useful_ffn(TOKENS, SHAPE, torch.float32, gen),
+        "tutel": layer_step(tutel, x, dy),
+        "dropless": layer_step(tutel, x, dy, capacity_factor=0.0),
+        "reference": layer_step(reference, x, dy),
+    }
+
+
+@pytest.mark.parametrize("case", ["gemm", "ffn", "tutel", "dropless", "reference"])
+def test_fwd_bwd(benchmark, setup, case):
+    benchmark.pedantic(setup[case], rounds=5, warmup_rounds=1)
