@@ -145,6 +145,9 @@ def run_round(spec: TrialSpec, workdir: Path, sequence: int, options: RunOptions
         except subprocess.TimeoutExpired:
             kill_tree(proc, options.grace_s)
             rc = None
+        except BaseException:  # Ctrl-C: the child's own session does not get the terminal's SIGINT
+            kill_tree(proc, options.grace_s)
+            raise
     wall = time.monotonic() - started
     result = _read_result(out_path, workdir, tag)
     if rc is None:
