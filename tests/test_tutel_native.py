@@ -109,8 +109,10 @@ def test_all_gradients_match_reference_fp64(activation, k, seed=None):
     assert layer.routing_stats().tokens_per_expert == ref.routing_stats().tokens_per_expert
 
 
-def test_compact_and_padded_buffers_agree():
-    shape, knobs = shape_for(k=2), MoEKnobs(capacity_factor=1.25, dtype="float64")
+@pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gelu", True)])
+def test_compact_and_padded_buffers_agree(activation, bias):
+    """Live rows (per-expert mm loop) and the padded buffer (one bmm per GEMM) give the same numbers."""
+    shape, knobs = shape_for(activation, 2, bias), MoEKnobs(capacity_factor=1.25, dtype="float64")
     a, _ = built(shape, knobs)
     b, _ = built(shape, knobs)
     b.layer.compact_dispatch = False
@@ -121,9 +123,40 @@ def test_compact_and_padded_buffers_agree():
     yb.sum().backward()
     assert_close(ya, yb, 1e-13, "y")
     assert_close(xa.grad, xb.grad, 1e-13, "dx")
-    assert_close(a.layer.experts.W_fc1.grad, b.layer.experts.W_fc1.grad, 1e-13, "dW1")
+    for (name, pa), pb in zip(a.layer.named_parameters(), b.layer.parameters(), strict=True):
+        assert_close(pa.grad, pb.grad, 1e-13, name)
     assert b.routing_stats().expert_rows_computed == E * b.routing_stats().capacity
     assert a.routing_stats().expert_rows_computed < b.routing_stats().expert_rows_computed
+
+
+@pytest.mark.parametrize("kind", ["ffn", "llama_ffn"])
+def test_expert_rows_with_an_empty_expert(kind):
+    """An expert no row reaches gets zero weight gradients; the others match plain autograd."""
+    layer = moe_layer({"type": "top", "k": 1}, M, {"type": kind, "num_experts_per_device": E,
+                                                   "hidden_size_per_expert": H}).double()
+    ex, splits = layer.experts, (3, 0, 5, 2)
+    x = torch.randn(10, M, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(10, M, dtype=torch.float64)
+    ex.compute_rows(x, splits).backward(dy)
+    grads = {n: p.grad.clone() for n, p in ex.named_parameters()}
+    dx = x.grad.clone()
+    ex.zero_grad(set_to_none=True)
+    x.grad = None
+    outs, start = [], 0
+    for e, n in enumerate(splits):
+        xe = x[start : start + n]
+        start += n
+        if kind == "ffn":
+            h = F.gelu(xe @ ex.batched_fc1_w[e].T + ex.batched_fc1_bias[e])
+            outs.append(h @ ex.batched_fc2_w[e] + ex.batched_fc2_bias[e])
+        else:
+            w1, w2, w3 = ex.W_fc1.view(E, M, H)[e], ex.W_fc2.view(E, M, H)[e], ex.W_fc3.view(E, H, M)[e]
+            outs.append((F.silu(xe @ w1) * (xe @ w2)) @ w3)
+    torch.cat(outs).backward(dy)
+    assert_close(dx, x.grad, 1e-13, "dx")
+    for n, p in ex.named_parameters():
+        assert_close(grads[n], p.grad, 1e-13, n)
+        assert grads[n].view(E, -1)[1].abs().max() == 0, f"{n}: empty expert must get zero gradient"
 
 
 # ---- run-time switching ------------------------------------------------------------------------

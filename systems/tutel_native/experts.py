@@ -79,8 +79,63 @@ class RowSpec:
             start += n
 
 
+class _Groups:
+    """The experts' row ranges. Equal non-empty ranges (a padded buffer) run as one
+    batched call; ragged ranges (live rows) as a loop of per-expert mm. Weights come
+    as [E, K, J] tensors already oriented (transposes are views)."""
+
+    def __init__(self, spec: RowSpec):
+        self.spec = spec
+        n = spec.splits[0] if spec.splits else 0
+        self.uniform = n > 0 and all(s == n for s in spec.splits)
+        self.live = [(e, r0, r1) for e, r0, r1 in spec.ranges() if r1 > r0]
+        self.empty = [e for e, r0, r1 in spec.ranges() if r1 == r0]
+
+    def _3d(self, t_N: torch.Tensor) -> torch.Tensor:
+        return t_N.view(len(self.spec.splits), -1, t_N.shape[1])
+
+    def mm(self, a_N, b_E, out_N, bias_E=None, accumulate=False) -> None:
+        """out[rows e] = a[rows e] @ b[e] (+ bias[e]), or += when ``accumulate``."""
+        if self.uniform:
+            a3, o3 = self._3d(a_N), self._3d(out_N)
+            if accumulate:
+                o3.baddbmm_(a3, b_E)
+            elif bias_E is not None:
+                torch.baddbmm(bias_E.unsqueeze(1), a3, b_E, out=o3)
+            else:
+                torch.bmm(a3, b_E, out=o3)
+            return
+        for e, r0, r1 in self.live:
+            if accumulate:
+                out_N[r0:r1].addmm_(a_N[r0:r1], b_E[e])
+            elif bias_E is not None:
+                torch.addmm(bias_E[e], a_N[r0:r1], b_E[e], out=out_N[r0:r1])
+            else:
+                torch.mm(a_N[r0:r1], b_E[e], out=out_N[r0:r1])
+
+    def mm_tn(self, a_N, b_N, out_E) -> None:
+        """out[e] = a[rows e].T @ b[rows e] (a weight gradient); zero for experts with no rows."""
+        if self.uniform:
+            torch.bmm(self._3d(a_N).transpose(1, 2), self._3d(b_N), out=out_E)
+            return
+        for e, r0, r1 in self.live:
+            torch.mm(a_N[r0:r1].t(), b_N[r0:r1], out=out_E[e])
+        for e in self.empty:
+            out_E[e].zero_()
+
+    def row_sum(self, a_N, out_E) -> None:
+        """out[e] = sum of a over rows e (a bias gradient)."""
+        if self.uniform:
+            torch.sum(self._3d(a_N), 1, out=out_E)
+            return
+        for e, r0, r1 in self.live:
+            torch.sum(a_N[r0:r1], 0, out=out_E[e])
+        for e in self.empty:
+            out_E[e].zero_()
+
+
 class _ExpertRows(torch.autograd.Function):
-    """Per-expert GEMMs on row ranges; each elementwise step runs once over all rows
+    """Expert GEMMs on row ranges; each elementwise step runs once over all rows
     (fewer, larger parallel regions: cheaper, and far less sensitive to a busy machine)."""
 
     @staticmethod
@@ -88,27 +143,19 @@ class _ExpertRows(torch.autograd.Function):
         N, H, O = x_NM.shape[0], w_in.shape[1] if spec.in_transposed else w_in.shape[2], w_out.shape[2]
         if sum(spec.splits) != N:
             raise ValueError(f"expert row splits {spec.splits} do not cover the {N} rows")
+        groups = _Groups(spec)
+        w_in_EMH = w_in.transpose(1, 2) if spec.in_transposed else w_in
         h_NH = x_NM.new_empty(N, H)  # pre-activation
-        u_NH = x_NM.new_empty(N, H) if spec.gated else None  # gate branch x @ W_gate
-        live = [(e, r0, r1) for e, r0, r1 in spec.ranges() if r1 > r0]
-        for e, r0, r1 in live:
-            x_e = x_NM[r0:r1]
-            w_in_e = w_in[e].t() if spec.in_transposed else w_in[e]
-            if b_in is None:
-                torch.mm(x_e, w_in_e, out=h_NH[r0:r1])
-            else:
-                torch.addmm(b_in[e], x_e, w_in_e, out=h_NH[r0:r1])
-            if spec.gated:
-                torch.mm(x_e, w_gate[e], out=u_NH[r0:r1])
+        groups.mm(x_NM, w_in_EMH, h_NH, bias_E=b_in)
+        u_NH = None
+        if spec.gated:  # gate branch x @ W_gate
+            u_NH = x_NM.new_empty(N, H)
+            groups.mm(x_NM, w_gate, u_NH)
         s_NH = x_NM.new_empty(N, H)  # act(h)
         _act_forward(spec.act_kind, spec.act, h_NH, s_NH)
         a_NH = s_NH * u_NH if spec.gated else s_NH  # input of the output projection
         y_NO = x_NM.new_empty(N, O)
-        for e, r0, r1 in live:
-            if b_out is None:
-                torch.mm(a_NH[r0:r1], w_out[e], out=y_NO[r0:r1])
-            else:
-                torch.addmm(b_out[e], a_NH[r0:r1], w_out[e], out=y_NO[r0:r1])
+        groups.mm(a_NH, w_out, y_NO, bias_E=b_out)
         ctx.spec = spec
         ctx.has_b_in, ctx.has_b_out = b_in is not None, b_out is not None
         ctx.save_for_backward(x_NM, w_in, w_gate, w_out, h_NH, a_NH, s_NH if spec.gated else None, u_NH)
@@ -117,51 +164,42 @@ class _ExpertRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_y_NO):
         spec = ctx.spec
+        groups = _Groups(spec)
         x_NM, w_in, w_gate, w_out, h_NH, a_NH, s_NH, u_NH = ctx.saved_tensors
         need_x, _, need_in, need_gate, need_out, need_b_in, need_b_out = ctx.needs_input_grad
         d_y_NO = d_y_NO.contiguous()
-        d_x = torch.empty_like(x_NM) if need_x else None
-        d_in = torch.empty_like(w_in) if need_in else None
-        d_gate = torch.empty_like(w_gate) if need_gate and spec.gated else None
-        d_out = torch.empty_like(w_out) if need_out else None
-        d_b_in = x_NM.new_empty(w_in.shape[0], h_NH.shape[1]) if need_b_in and ctx.has_b_in else None
-        d_b_out = x_NM.new_empty(w_out.shape[0], w_out.shape[2]) if need_b_out and ctx.has_b_out else None
-        grads = [g for g in (d_in, d_gate, d_out, d_b_in, d_b_out) if g is not None]
-        live = []
-        for e, r0, r1 in spec.ranges():
-            if r1 > r0:
-                live.append((e, r0, r1))
-            else:  # an expert no token reached gets zero gradients
-                for grad in grads:
-                    grad[e].zero_()
         d_a_NH = x_NM.new_empty(h_NH.shape)
-        for e, r0, r1 in live:
-            dy_e = d_y_NO[r0:r1]
-            torch.mm(dy_e, w_out[e].t(), out=d_a_NH[r0:r1])
-            if d_out is not None:
-                torch.mm(a_NH[r0:r1].t(), dy_e, out=d_out[e])
-            if d_b_out is not None:
-                torch.sum(dy_e, 0, out=d_b_out[e])
+        groups.mm(d_y_NO, w_out.transpose(1, 2), d_a_NH)
+        d_out = d_b_out = d_in = d_gate = d_b_in = d_x = None
+        if need_out:
+            d_out = torch.empty_like(w_out)
+            groups.mm_tn(a_NH, d_y_NO, d_out)
+        if need_b_out and ctx.has_b_out:
+            d_b_out = x_NM.new_empty(w_out.shape[0], w_out.shape[2])
+            groups.row_sum(d_y_NO, d_b_out)
+        d_u_NH = None
         if spec.gated:
             d_u_NH = d_a_NH * s_NH
             d_h_NH = _act_backward(spec.act_kind, spec.act, d_a_NH.mul_(u_NH), h_NH)
         else:
             d_h_NH = _act_backward(spec.act_kind, spec.act, d_a_NH, h_NH)
-        for e, r0, r1 in live:
-            x_e, d_h = x_NM[r0:r1], d_h_NH[r0:r1]
-            if d_b_in is not None:
-                torch.sum(d_h, 0, out=d_b_in[e])
-            if d_in is not None:
-                if spec.in_transposed:
-                    torch.mm(d_h.t(), x_e, out=d_in[e])
-                else:
-                    torch.mm(x_e.t(), d_h, out=d_in[e])
-            if spec.gated and d_gate is not None:
-                torch.mm(x_e.t(), d_u_NH[r0:r1], out=d_gate[e])
-            if d_x is not None:
-                torch.mm(d_h, w_in[e] if spec.in_transposed else w_in[e].t(), out=d_x[r0:r1])
-                if spec.gated:
-                    d_x[r0:r1].addmm_(d_u_NH[r0:r1], w_gate[e].t())
+        if need_b_in and ctx.has_b_in:
+            d_b_in = x_NM.new_empty(w_in.shape[0], h_NH.shape[1])
+            groups.row_sum(d_h_NH, d_b_in)
+        if need_in:
+            d_in = torch.empty_like(w_in)
+            if spec.in_transposed:
+                groups.mm_tn(d_h_NH, x_NM, d_in)
+            else:
+                groups.mm_tn(x_NM, d_h_NH, d_in)
+        if need_gate and spec.gated:
+            d_gate = torch.empty_like(w_gate)
+            groups.mm_tn(x_NM, d_u_NH, d_gate)
+        if need_x:
+            d_x = torch.empty_like(x_NM)
+            groups.mm(d_h_NH, w_in if spec.in_transposed else w_in.transpose(1, 2), d_x)
+            if spec.gated:
+                groups.mm(d_u_NH, w_gate.transpose(1, 2), d_x, accumulate=True)
         return d_x, None, d_in, d_gate, d_out, d_b_in, d_b_out
 
 
