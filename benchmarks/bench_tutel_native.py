@@ -5,9 +5,11 @@ shared/docs/peers-on-cpu.md), forward+backward of:
   gemm      the useful expert GEMMs alone: T*K/E rows per expert, torch.bmm, 3 forward + 6 backward
             GEMMs, no padding, no gating, no activation (the lower bound)
   ffn       the same rows through bmm + SwiGLU under autograd (useful expert compute)
-  tutel     tutel_native layer, capacity factor 1.25
+  tutel     tutel_native layer, capacity factor 1.25, default layout ("auto": live rows at 1 thread,
+            max_fill with more)
+  live      live rows only, per-expert mm loop;  max_fill: E x largest fill, one bmm per GEMM
   dropless  tutel_native layer, capacity_factor=0 at run time
-  padded    tutel_native with the padded [E, C, M] buffer (compact_dispatch=False)
+  padded    tutel_native with Tutel's padded [E, C, M] buffer (expert_layout="capacity")
   reference torch_reference (loop over experts), capacity factor 1.25
 and prints medians, the efficiency ratio tutel/gemm (target <= 1.15) and speedups.
 
@@ -113,7 +115,13 @@ def main(argv=None) -> int:
     tutel.load_canonical(weights)
     padded = system.build_layer(SHAPE, knobs, ParallelSpec())
     padded.load_canonical(weights)
-    padded.layer.compact_dispatch = False
+    padded.layer.expert_layout = "capacity"
+    live = system.build_layer(SHAPE, knobs, ParallelSpec())
+    live.load_canonical(weights)
+    live.layer.expert_layout = "live"
+    max_fill = system.build_layer(SHAPE, knobs, ParallelSpec())
+    max_fill.load_canonical(weights)
+    max_fill.layer.expert_layout = "max_fill"
     reference = ReferenceMoELayer(SHAPE, knobs, ParallelSpec())
     reference.load_canonical(weights)
 
@@ -123,6 +131,8 @@ def main(argv=None) -> int:
         "tutel": layer_step(tutel, x_TM, dy_TM),
         "dropless": layer_step(tutel, x_TM, dy_TM, capacity_factor=0.0),
         "padded": layer_step(padded, x_TM, dy_TM),
+        "live": layer_step(live, x_TM, dy_TM),
+        "max_fill": layer_step(max_fill, x_TM, dy_TM),
         "reference": layer_step(reference, x_TM, dy_TM),
     }
     for step in cases.values():  # warm-up

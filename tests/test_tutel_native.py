@@ -127,6 +127,17 @@ def test_compact_and_padded_buffers_agree(activation, bias):
         assert_close(pa.grad, pb.grad, 1e-13, name)
     assert b.routing_stats().expert_rows_computed == E * b.routing_stats().capacity
     assert a.routing_stats().expert_rows_computed < b.routing_stats().expert_rows_computed
+    c, _ = built(shape, knobs)
+    c.layer.expert_layout = "max_fill"
+    xc = x.clone().requires_grad_()
+    yc = c(xc).y_TM
+    yc.sum().backward()
+    assert_close(yc, ya, 1e-13, "y max_fill")
+    assert_close(xc.grad, xa.grad, 1e-13, "dx max_fill")
+    for (name, pa), pc in zip(a.layer.named_parameters(), c.layer.parameters(), strict=True):
+        assert_close(pc.grad, pa.grad, 1e-13, name)
+    assert c.routing_stats().expert_rows_computed == E * max(min(n, b.routing_stats().capacity)
+                                                             for n in b.routing_stats().tokens_per_expert)
 
 
 @pytest.mark.parametrize("kind", ["ffn", "llama_ffn"])

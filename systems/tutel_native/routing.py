@@ -39,7 +39,8 @@ class RoutePlan:
     slot_N: torch.Tensor  # e * C + loc: row in the padded [E*C] buffer
     row_SK: torch.Tensor  # row of each choice in the dispatched buffer (0 where dropped)
     keep_SK: torch.Tensor | None  # 1/0 in the gates' dtype; None when nothing was dropped
-    padded: bool  # dispatched buffer is [E*C, M] (True) or compact [N, M] (False)
+    padded: bool  # dispatched buffer is [E*stride, M] (True) or compact [N, M] (False)
+    row_stride: int = 0  # rows per expert in the padded buffer: C, or the largest fill (max_fill)
     overlap_degree: int = 1
     adaptive_r: int | None = None
 
@@ -54,7 +55,7 @@ class RoutePlan:
     @property
     def rows(self) -> int:
         """Rows of the dispatched buffer."""
-        return self.num_experts * self.capacity if self.padded else self.num_live
+        return self.num_experts * self.row_stride if self.padded else self.num_live
 
     @property
     def row_N(self) -> torch.Tensor | None:
@@ -125,8 +126,12 @@ def build_plan(
     priority_S: torch.Tensor | None = None,
     group_max=int,
     padded: bool = False,
+    max_fill_stride: bool = False,
 ) -> RoutePlan:
-    """All slot indices for one step. ``group_max`` turns a local int into the group's max."""
+    """All slot indices for one step. ``group_max`` turns a local int into the group's max.
+
+    A padded buffer has C rows per expert, or only the largest fill with ``max_fill_stride``
+    (equal row ranges, so the experts run as one bmm per GEMM, with less padding than C)."""
     S, K = idx_SK.shape
     order, token_seq, expert_sorted, counts_E, loc_sorted = sorted_choices(idx_SK, num_experts, priority_S)
     spe = math.ceil(num_tokens_for_capacity / num_experts)
@@ -145,7 +150,9 @@ def build_plan(
         live = torch.nonzero(keep, as_tuple=True)[0]
         token_N, choice_N = token_sorted[live], choice_sorted[live]
         expert_N, loc_N = expert_sorted[live], loc_sorted[live]
-    slot_N = expert_N * C + loc_N
+    fill_E = torch.clamp(counts_E, max=C)
+    stride = max(int(fill_E.max()), 1) if max_fill_stride else C
+    slot_N = expert_N * stride + loc_N
     row_SK = torch.zeros_like(idx_SK)
     row_SK[token_N, choice_N] = slot_N if padded else torch.arange(token_N.numel(), device=idx_SK.device)
     keep_SK = None if token_N.numel() == S * K else (loc_SK < C).to(gates_SK.dtype)
@@ -158,13 +165,14 @@ def build_plan(
         loc_SK=loc_SK,
         gates_SK=gates_SK,
         dispatch_count_E=counts_E,
-        fill_E=torch.clamp(counts_E, max=C).tolist(),
+        fill_E=fill_E.tolist(),
         token_N=token_N,
         choice_N=choice_N,
         slot_N=slot_N,
         row_SK=row_SK,
         keep_SK=keep_SK,
         padded=padded,
+        row_stride=stride,
     )
 
 
