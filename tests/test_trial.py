@@ -27,7 +27,9 @@ def debug_spec(**changes) -> TrialSpec:
 
 @pytest.fixture(autouse=True)
 def _keep_threads():
+    """One thread: two threads on a shared 2-core machine stall at every parallel region."""
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
