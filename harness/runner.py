@@ -222,7 +222,8 @@ def trial_record(spec: TrialSpec, rounds: list[dict]) -> dict:
         "rounds": [
             {"round": i + 1, "status": r["status"], "median_s": _median(r["samples_s"]),
              "calibration_before_s": r.get("calibration_before_s"),
-             "calibration_after_s": r.get("calibration_after_s"), "wall_s": r["wall_s"]}
+             "calibration_after_s": r.get("calibration_after_s"), "wall_s": r["wall_s"],
+             "load_before": r.get("load_before"), "load_after": r.get("load_after")}
             for i, r in enumerate(rounds)
         ],
         "summary": summary, "throughput": throughput,

@@ -307,6 +307,7 @@ def run_trial(spec: TrialSpec) -> dict:
             return result
         system.init_distributed(spec.parallel)
         _apply_fault(spec)
+        load_before = os.getloadavg()[0]
         calibration_before = calibration_seconds(device)
         build = build_layer_bench if spec.level == "layer" else build_model_bench
         bench, check = build(spec, system, device)
@@ -330,6 +331,10 @@ def run_trial(spec: TrialSpec) -> dict:
             peak_memory_bytes=max(r["memory"] for r in everyone),
             flops=_sum_flops([r["flops"] for r in everyone]),
             tokens_per_step=sum(r["tokens"] for r in everyone),
+            # 1-minute load average of this machine: more runnable threads than cores stalls
+            # every OpenMP parallel region, which a calibration matmul alone barely shows.
+            load_before=load_before,
+            load_after=os.getloadavg()[0],
         )
     except Exception as exc:  # noqa: BLE001 - every failure must become a status, never a lost round
         result.update(status=classify(exc), message=describe_exception(exc))

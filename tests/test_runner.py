@@ -48,6 +48,7 @@ def test_ok_trials_pool_samples_over_rounds(run):
         assert trial["summary"]["min"] == min(trial["samples_s"])
         assert [r["round"] for r in trial["rounds"]] == [1, 2]
         assert all(r["calibration_before_s"] > 0 and r["calibration_after_s"] > 0 for r in trial["rounds"])
+        assert all(r["load_before"] >= 0 and r["load_after"] >= 0 for r in trial["rounds"])
         assert trial["check"]["passed"]
         assert trial["routing_stats"]["tokens_per_expert"]
         assert trial["throughput"]["tokens_per_s"] == pytest.approx(64 / trial["summary"]["median"])
