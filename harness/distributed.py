@@ -7,7 +7,7 @@ gloo on CPU, NCCL on GPU.
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.distributed as dist
@@ -37,7 +37,7 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-@lru_cache(maxsize=None)
+@cache
 def _groups_of(size: int):
     """Consecutive blocks of `size` ranks; every rank must create every group."""
     world = dist.get_world_size()

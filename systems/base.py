@@ -258,10 +258,11 @@ class MoESystem(ABC):
         return Availability.yes()
 
     def init_distributed(self, parallel: ParallelSpec) -> None:
-        """Set up process groups. Default: plain torch.distributed from torchrun's env vars."""
+        """Set up process groups. Default: plain torch.distributed from torchrun's env vars
+        (NCCL when CUDA is present, gloo otherwise, as the peer adapters do)."""
         from harness import distributed
 
-        distributed.init_default_process_group(parallel)
+        distributed.init_default_process_group(parallel, device="cuda" if torch.cuda.is_available() else "cpu")
 
     @abstractmethod
     def build_layer(
@@ -270,3 +271,7 @@ class MoESystem(ABC):
 
     def teardown(self) -> None:
         """Release global state. Trials run in fresh processes, so this is best effort."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
