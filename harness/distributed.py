@@ -75,3 +75,48 @@ def all_to_all_uneven(x: torch.Tensor, send_counts: torch.Tensor, group=None):
     dist.all_to_all_single(recv_counts, send_counts, group=group)
     send, recv = send_counts.tolist(), recv_counts.tolist()
     return _AllToAllUneven.apply(x, send, recv, group), recv_counts
+
+
+def data_parallel_group(ep: int):
+    """The ranks holding the same experts as this one: r, r+ep, r+2ep, ... (every rank creates every group)."""
+    world, r = dist.get_world_size(), dist.get_rank()
+    groups = _dp_groups(ep, world)
+    return groups[r % ep]
+
+
+@cache
+def _dp_groups(ep: int, world: int):
+    return [dist.new_group(list(range(first, world, ep))) for first in range(ep)]
+
+
+def _average(grads: list[torch.Tensor], group, size: int) -> None:
+    """One bucketed all-reduce per dtype, averaged over `size` ranks."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for bucket in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat, group=group)
+        flat /= size
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def sync_gradients(module: torch.nn.Module, expert_params: list[torch.Tensor], parallel: ParallelSpec) -> None:
+    """Data-parallel gradient averaging, as a trainer does after backward.
+
+    Replicated parameters (attention, embeddings, gates) are averaged over the
+    whole world; expert parameters only over the dp ranks that hold the same
+    experts (their expert-parallel gradients already arrived through the
+    all-to-all's backward). No-op at world size 1.
+    """
+    if parallel.world_size == 1 or not dist.is_initialized():
+        return
+    expert_ids = {id(p) for p in expert_params}
+    dense = [p.grad for p in module.parameters() if p.grad is not None and id(p) not in expert_ids]
+    _average(dense, None, parallel.world_size)
+    if parallel.dp > 1:
+        experts = [p.grad for p in expert_params if p.grad is not None]
+        _average(experts, data_parallel_group(parallel.ep), parallel.dp)

@@ -193,7 +193,9 @@ def build_layer_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict
 
 
 def build_model_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict | None]:
+    """The iteration papers report: forward, backward, data-parallel gradient sync, optimizer step."""
     from harness import flops
+    from harness.distributed import sync_gradients
     from harness.equivalence import check_against_reference
     from systems.base import CanonicalWeights
     from workloads.model import build_model, make_batch, moe_block_indices
@@ -218,6 +220,7 @@ def build_model_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict
     tokens_BS, targets_BS = make_batch(workload, knobs.seed, rank=rank, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=MODEL_ADAMW_LR) if spec.mode == "train" else None
     poison = _fault_here(spec, "nonfinite")
+    expert_params = [p for layer in model.moe_layers for p in layer.expert_parameters()]
 
     def step() -> torch.Tensor:
         loss, _ = model.loss(tokens_BS, targets_BS)
@@ -225,6 +228,7 @@ def build_model_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict
             loss = loss * float("nan")
         if spec.mode != "forward":
             loss.backward()
+            sync_gradients(model, expert_params, parallel)
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)

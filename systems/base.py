@@ -239,6 +239,16 @@ class MoELayerAdapter(nn.Module, ABC):
         """Seconds per phase of the last step (gate, dispatch, experts, combine, comm), if measured."""
         return None
 
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """Parameters holding this rank's experts: sharded over expert-parallel ranks, so
+        they are averaged only across data-parallel replicas of the same experts, never
+        across the whole world. Default: parameters marked the way Tutel
+        (``skip_allreduce = True``) or DeepSpeed/Megatron (``allreduce = False``) mark them."""
+        return [
+            p for p in self.parameters()
+            if getattr(p, "skip_allreduce", False) or getattr(p, "allreduce", True) is False
+        ]
+
 
 class MoESystem(ABC):
     """A MoE implementation the harness can run. Subclasses register in systems/__init__.py."""

@@ -147,8 +147,13 @@ class MegatronMoELayer(MoELayerAdapter):
         # caller in charge of it, like every other system (module docstring).
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(0.0, device=knobs.device))
         self.first_local = self.moe.local_expert_indices[0]
+        self._expert_params = list(self.moe.experts.parameters())
         self.num_local = shape.num_experts // parallel.ep
         self._stats: RoutingStats | None = None
+
+    def expert_parameters(self):
+        """Megatron marks SequentialMLP weights inconsistently across versions: name them directly."""
+        return self._expert_params
 
     def load_canonical(self, weights: CanonicalWeights) -> None:
         weights = weights.to(dtype=self.knobs.torch_dtype, device=self.knobs.device)

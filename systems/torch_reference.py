@@ -72,6 +72,8 @@ class ReferenceExperts(nn.Module):
         self.w3_EHM = nn.Parameter(torch.zeros(E, H, M, dtype=dtype)) if shape.activation == "swiglu" else None
         self.b1_EH = nn.Parameter(torch.zeros(E, H, dtype=dtype)) if shape.expert_bias else None
         self.b2_EM = nn.Parameter(torch.zeros(E, M, dtype=dtype)) if shape.expert_bias else None
+        for param in self.parameters():
+            param.skip_allreduce = True  # expert weights: see MoELayerAdapter.expert_parameters
 
     def expert(self, e: int, x_NM: torch.Tensor) -> torch.Tensor:
         h_NH = x_NM @ self.w1_EHM[e].T

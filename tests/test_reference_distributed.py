@@ -97,7 +97,35 @@ def compare_rank(world: int, ep: int, rank: int) -> dict[str, float]:
         errors[f"{tag}/dropped_equal"] = 0.0 if stats.dropped == stats_ref.dropped else 1.0
         errors[f"{tag}/dropped"] = float(stats.dropped)
     errors["model/loss"] = model_loss_error(ParallelSpec(world_size=world, ep=ep), rank)
+    errors.update(gradient_sync_errors(ParallelSpec(world_size=world, ep=ep), rank))
     return errors
+
+
+def gradient_sync_errors(parallel: ParallelSpec, rank: int) -> dict[str, float]:
+    """After harness.distributed.sync_gradients: replicated gradients are the world mean of the
+    single-process ones, and expert gradients agree across the dp replicas of the same experts."""
+    from harness.distributed import sync_gradients
+
+    workload = get_workload("mixtral-8x7b", "debug")
+    knobs = MoEKnobs(capacity_factor=None, dtype="float64")
+    model = build_model(workload, TorchReference(), knobs, parallel, seed=1)
+    model.loss(*make_batch(workload, seed=1, rank=rank))[0].backward()
+    expert_params = [p for layer in model.moe_layers for p in layer.expert_parameters()]
+    sync_gradients(model, expert_params, parallel)
+    mean_embed = 0
+    for peer in range(parallel.world_size):
+        single = build_model(workload, TorchReference(), knobs, ParallelSpec(), seed=1)
+        single.loss(*make_batch(workload, seed=1, rank=peer))[0].backward()
+        mean_embed = mean_embed + single.embed.weight.grad / parallel.world_size
+    expert_grad = torch.cat([p.grad.reshape(-1) for p in expert_params])
+    replicas = [torch.empty_like(expert_grad) for _ in range(parallel.world_size)]
+    dist.all_gather(replicas, expert_grad)
+    same_experts = range(rank % parallel.ep, parallel.world_size, parallel.ep)
+    return {
+        "sync/embed_is_world_mean": rel_err(model.embed.weight.grad, mean_embed),
+        "sync/expert_replicas_agree": max(rel_err(replicas[r], expert_grad) for r in same_experts),
+        "sync/expert_params_found": 0.0 if len(expert_params) == 3 * len(model.moe_layers) else 1.0,
+    }
 
 
 def worker(rank: int, world: int, eps: tuple[int, ...], port: int, out_dir: str):
