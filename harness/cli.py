@@ -21,8 +21,15 @@ def _command_modules():
             yield importlib.import_module(f"harness.commands.{info.name}")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the problem (and `--help` for more)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="moebench",
         description="Benchmark and compare Mixture-of-Experts training systems on identical work.",
     )

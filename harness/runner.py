@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import TextIO
 
 from harness.launch import REPO_DIR, LaunchConfig, child_env, trial_command
+from harness.report import DEFAULT_BASELINES as BASELINE_PREFERENCE  # same choice as the reports
 from harness.trial_spec import TrialSpec
 
 GRACE_S = 5.0  # between SIGTERM and SIGKILL
 STDERR_TAIL_LINES = 8
-BASELINE = "torch_reference"
 
 
 @dataclass
@@ -317,14 +317,24 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
-def format_table(trials: list[dict], baseline: str = BASELINE) -> str:
-    """system x workload: median ms, IQR, speedup vs the baseline in the same run, check verdict."""
-    header = ("workload", "level/mode", "system", "status", "median ms", "IQR ms", "speedup", "check", "calib ms")
+def default_baseline(trials: list[dict]) -> str:
+    systems = {t["system"] for t in trials if t["summary"]}
+    return next((s for s in BASELINE_PREFERENCE if s in systems), BASELINE_PREFERENCE[-1])
+
+
+def format_table(trials: list[dict], baseline: str | None = None) -> str:
+    """system x workload: median ms, IQR, speedup vs the baseline in the same run, check verdict.
+
+    A system whose equivalence check failed gets no speedup ("check failed"): its time is not
+    comparable work."""
+    baseline = baseline or default_baseline(trials)
+    header = ("workload", "level/mode", "capacity", "parallel", "system", "status", "median ms", "IQR ms",
+              "speedup", "check", "calib ms")
     rows = []
     groups: dict[tuple, list[dict]] = {}
     for t in trials:
         key = (t["workload"], t["flavor"], t["level"], t["mode"], t["routing"], t["dtype"],
-               t["parallel"]["world_size"], t["parallel"]["ep"])
+               t["knobs"]["capacity_factor"], t["parallel"]["world_size"], t["parallel"]["ep"])
         groups.setdefault(key, []).append(t)
     notes = []
     for key, group in groups.items():
@@ -335,10 +345,15 @@ def format_table(trials: list[dict], baseline: str = BASELINE) -> str:
         for t in group:
             summary = t["summary"]
             median = summary["median"] if summary else None
-            speedup = f"{base['summary']['median'] / median:.2f}x" if (summary and base) else "-"
             check = "-" if t["check"] is None else ("pass" if t["check"]["passed"] else "FAIL")
+            speedup = f"{base['summary']['median'] / median:.2f}x" if (summary and base) else "-"
+            if check == "FAIL":
+                speedup = "check failed"
             cal = [r["calibration_before_s"] for r in t["rounds"] if r["calibration_before_s"] is not None]
-            rows.append((f"{t['workload']}/{t['flavor']}", f"{t['level']}/{t['mode']}", t["system"], t["status"],
+            cf = t["knobs"]["capacity_factor"]
+            rows.append((f"{t['workload']}/{t['flavor']}", f"{t['level']}/{t['mode']}",
+                         "dropless" if cf is None else f"cf {cf:g}", f"ws{key[-2]}/ep{key[-1]}",
+                         t["system"], t["status"],
                          _ms(median), _ms(summary["iqr"] if summary else None), speedup, check, _ms(_median(cal))))
     widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]

@@ -3,6 +3,7 @@ package makes that one system unavailable, never the harness."""
 from __future__ import annotations
 
 import importlib
+import warnings
 
 from systems.base import Availability, MoESystem
 
@@ -34,8 +35,12 @@ def get_system(name: str) -> MoESystem:
 
 def availability(name: str) -> Availability:
     """Whether a system can run here; import failures become a reason, not a crash."""
-    try:
-        cls = load_system_class(name)
-    except ImportError as exc:
-        return Availability.no(f"cannot import adapter: {exc}")
-    return cls.availability()
+    # Peer packages warn at import about optional accelerators they do not find;
+    # that is expected on CPU and would bury the harness's own output.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            cls = load_system_class(name)
+        except ImportError as exc:
+            return Availability.no(f"cannot import adapter: {exc}")
+        return cls.availability()

@@ -43,6 +43,14 @@ from systems.base import (
 )
 from systems.peer_common import CanonicalFFN, check_world, ensure_single_process_env
 
+def _name_the_accelerator() -> None:
+    """Tell DeepSpeed which accelerator it is on (its documented DS_ACCELERATOR switch) instead of
+    letting it probe and warn; a user's own setting wins."""
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 MIN_CAPACITY = 4  # DeepSpeed's default, kept so the benchmark measures DeepSpeed as shipped
 
 
@@ -147,6 +155,7 @@ class DeepSpeedMoE(MoESystem):
 
     @classmethod
     def availability(cls) -> Availability:
+        _name_the_accelerator()
         try:
             import deepspeed.moe.layer  # noqa: F401
         except ImportError as exc:
@@ -164,6 +173,7 @@ class DeepSpeedMoE(MoESystem):
 
     def init_distributed(self, parallel: ParallelSpec) -> None:
         """deepspeed.init_distributed even for one process: MoE's groups need its comm backend."""
+        _name_the_accelerator()
         import deepspeed
 
         if parallel.world_size == 1:
