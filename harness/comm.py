@@ -100,3 +100,44 @@ def fit_alpha_beta(points: list[tuple[int, float]]) -> tuple[float, float]:
     sxy = sum((x - mean_x) * (y - mean_y) for x, y in points)
     beta = sxy / sxx if sxx else 0.0
     return mean_y - beta * mean_x, beta
+
+
+# ------------------------------------------------------------ per-rank entry
+
+def run_sweep(ops: list[str], sizes: list[int], iters: int, warmup: int, device: str) -> list[dict]:
+    """Every (collective, size) on the current world; a dict per measurement (slowest-rank samples)."""
+    results = []
+    for op in ops:
+        for nbytes in sizes:
+            sample = time_collective(op, nbytes, iters, warmup, device)
+            results.append({"op": op, "bytes": sample.bytes, "world_size": sample.world_size,
+                             "samples_s": sample.samples_s})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m harness.comm CONFIG.json OUT.json`` on every rank (torchrun); rank 0 writes OUT."""
+    import json
+    import os
+    import sys
+
+    config_path, out_path = argv if argv is not None else sys.argv[1:]
+    config = json.loads(open(config_path).read())
+    device = config.get("device", "cpu")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        results = run_sweep(config["ops"], config["sizes"], config["iters"], config["warmup"], device)
+        if dist.get_rank() == 0:
+            tmp = f"{out_path}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"backend": dist.get_backend(), "results": results}, f)
+            os.replace(tmp, out_path)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

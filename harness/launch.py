@@ -84,9 +84,9 @@ class LaunchConfig:
 
 
 def trial_command(config: LaunchConfig, spec_path: Path, out_path: Path, sequence: int,
-                  timeout_s: float) -> list[str]:
-    """argv that runs one trial round (all local ranks of it on this node)."""
-    trial = ["-m", "harness.trial", str(spec_path), str(out_path)]
+                  timeout_s: float, module: str = "harness.trial") -> list[str]:
+    """argv that runs one trial round (all local ranks of it on this node) of `module SPEC OUT`."""
+    trial = ["-m", module, str(spec_path), str(out_path)]
     if not config.uses_torchrun:
         return [config.python, *trial]
     wait = max(30, int(timeout_s))

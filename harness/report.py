@@ -110,7 +110,8 @@ def trials_frame(docs: list[dict]):
     """
     import pandas as pd
 
-    rows = [_trial_row(doc, trial) for doc in docs for trial in doc["trials"]]
+    # Collective micro-benchmarks (level "comm") calibrate the performance model; they are not iterations.
+    rows = [_trial_row(doc, trial) for doc in docs for trial in doc["trials"] if trial["level"] != "comm"]
     if not rows:
         raise UsageError("the results files contain no trials")
     frame = pd.DataFrame(rows).sort_values(["created_utc", "run_id"], kind="stable")

@@ -25,9 +25,11 @@ from harness.errors import UsageError
 SCHEMA_NAME = "moebench.results"
 SCHEMA_VERSION = 1
 
-LEVELS = ("layer", "model")
-MODES = ("forward", "forward_backward", "train")
-ROUTINGS = ("learned", "balanced", "zipf")
+# Level "comm" records collective micro-benchmarks (`moebench comm`): mode is the collective,
+# routing "none".
+LEVELS = ("layer", "model", "comm")
+MODES = ("forward", "forward_backward", "train", "all_to_all", "all_reduce", "all_gather", "reduce_scatter")
+ROUTINGS = ("learned", "balanced", "zipf", "none")
 STATUSES = ("ok", "skipped", "error", "timeout", "oom", "nonfinite")
 SUMMARY_KEYS = ("n", "median", "mean", "stdev", "min", "max", "q1", "q3", "iqr", "outliers_low", "outliers_high")
 
