@@ -6,8 +6,9 @@ shared/docs/peers-on-cpu.md), forward+backward of:
             GEMMs, no padding, no gating, no activation (the lower bound)
   ffn       the same rows through bmm + SwiGLU under autograd (useful expert compute)
   tutel     tutel_native layer, capacity factor 1.25, default layout ("auto": live rows at 1 thread,
-            max_fill with more)
+            grouped with more)
   live      live rows only, per-expert mm loop;  max_fill: E x largest fill, one bmm per GEMM
+  grouped2  groups of 2 experts padded to their largest fill, one bmm per group and GEMM
   dropless  tutel_native layer, capacity_factor=0 at run time
   padded    tutel_native with Tutel's padded [E, C, M] buffer (expert_layout="capacity")
   reference torch_reference (loop over experts), capacity factor 1.25
@@ -122,6 +123,10 @@ def main(argv=None) -> int:
     max_fill = system.build_layer(SHAPE, knobs, ParallelSpec())
     max_fill.load_canonical(weights)
     max_fill.layer.expert_layout = "max_fill"
+    grouped2 = system.build_layer(SHAPE, knobs, ParallelSpec())
+    grouped2.load_canonical(weights)
+    grouped2.layer.expert_layout = "grouped"
+    grouped2.layer._group_size = lambda fills: 2
     reference = ReferenceMoELayer(SHAPE, knobs, ParallelSpec())
     reference.load_canonical(weights)
 
@@ -133,6 +138,7 @@ def main(argv=None) -> int:
         "padded": layer_step(padded, x_TM, dy_TM),
         "live": layer_step(live, x_TM, dy_TM),
         "max_fill": layer_step(max_fill, x_TM, dy_TM),
+        "grouped2": layer_step(grouped2, x_TM, dy_TM),
         "reference": layer_step(reference, x_TM, dy_TM),
     }
     for step in cases.values():  # warm-up

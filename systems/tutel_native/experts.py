@@ -3,10 +3,11 @@
 The built-in experts run as one autograd Function over *row ranges*: expert e
 owns rows [start_e, start_e + n_e) of a [N, M] buffer. At world size 1 those
 are only the live rows (padding slots cost no GEMM time); for a padded
-[E, C, M] buffer every range has C rows. The Function loops over experts with
-``torch.mm(out=...)`` (faster than one bmm on this CPU, see
-shared/docs/peers-on-cpu.md) and writes weight gradients straight into one
-preallocated gradient per parameter: indexing a parameter per expert under
+[E, C, M] buffer every range has C rows. Consecutive experts with equal ranges run
+as one ``torch.bmm(out=...)`` per GEMM, a lone range as one ``torch.mm(out=...)``
+(with more than one intra-op thread a batched call parallelises over experts and
+synchronises once; see reports/tutel_native_efficiency.md), and weight gradients
+are written straight into one preallocated gradient per parameter: indexing a parameter per expert under
 plain autograd would allocate a zero-filled full-size gradient per expert.
 
 Parameter layouts (Tutel's checkpoint format, E = local experts, sc = 1 here):
@@ -80,32 +81,39 @@ class RowSpec:
 
 
 class _Groups:
-    """The experts' row ranges. Equal non-empty ranges (a padded buffer) run as one
-    batched call; ragged ranges (live rows) as a loop of per-expert mm. Weights come
-    as [E, K, J] tensors already oriented (transposes are views)."""
+    """The experts' row ranges as runs: consecutive experts with equal non-empty ranges (a
+    padded or grouped buffer) run as one batched call per GEMM, a lone range as one mm.
+    Weights come as [E, K, J] tensors already oriented (transposes are views)."""
 
     def __init__(self, spec: RowSpec):
         self.spec = spec
-        n = spec.splits[0] if spec.splits else 0
-        self.uniform = n > 0 and all(s == n for s in spec.splits)
-        self.live = [(e, r0, r1) for e, r0, r1 in spec.ranges() if r1 > r0]
+        runs: list[list[int]] = []  # [first expert, experts, first row, rows per expert]
+        for e, r0, r1 in spec.ranges():
+            n = r1 - r0
+            if n and runs and runs[-1][3] == n and runs[-1][0] + runs[-1][1] == e:
+                runs[-1][1] += 1
+            elif n:
+                runs.append([e, 1, r0, n])
+        self.runs = [tuple(r) for r in runs]
         self.empty = [e for e, r0, r1 in spec.ranges() if r1 == r0]
 
-    def _3d(self, t_N: torch.Tensor) -> torch.Tensor:
-        return t_N.view(len(self.spec.splits), -1, t_N.shape[1])
+    @staticmethod
+    def _3d(t_N: torch.Tensor, g: int, r0: int, n: int) -> torch.Tensor:
+        return t_N[r0 : r0 + g * n].view(g, n, t_N.shape[1])
 
     def mm(self, a_N, b_E, out_N, bias_E=None, accumulate=False) -> None:
         """out[rows e] = a[rows e] @ b[e] (+ bias[e]), or += when ``accumulate``."""
-        if self.uniform:
-            a3, o3 = self._3d(a_N), self._3d(out_N)
-            if accumulate:
-                o3.baddbmm_(a3, b_E)
-            elif bias_E is not None:
-                torch.baddbmm(bias_E.unsqueeze(1), a3, b_E, out=o3)
-            else:
-                torch.bmm(a3, b_E, out=o3)
-            return
-        for e, r0, r1 in self.live:
+        for e, g, r0, n in self.runs:
+            if g > 1:
+                a3, o3, b3 = self._3d(a_N, g, r0, n), self._3d(out_N, g, r0, n), b_E[e : e + g]
+                if accumulate:
+                    o3.baddbmm_(a3, b3)
+                elif bias_E is not None:
+                    torch.baddbmm(bias_E[e : e + g].unsqueeze(1), a3, b3, out=o3)
+                else:
+                    torch.bmm(a3, b3, out=o3)
+                continue
+            r1 = r0 + n
             if accumulate:
                 out_N[r0:r1].addmm_(a_N[r0:r1], b_E[e])
             elif bias_E is not None:
@@ -115,21 +123,21 @@ class _Groups:
 
     def mm_tn(self, a_N, b_N, out_E) -> None:
         """out[e] = a[rows e].T @ b[rows e] (a weight gradient); zero for experts with no rows."""
-        if self.uniform:
-            torch.bmm(self._3d(a_N).transpose(1, 2), self._3d(b_N), out=out_E)
-            return
-        for e, r0, r1 in self.live:
-            torch.mm(a_N[r0:r1].t(), b_N[r0:r1], out=out_E[e])
+        for e, g, r0, n in self.runs:
+            if g > 1:
+                torch.bmm(self._3d(a_N, g, r0, n).transpose(1, 2), self._3d(b_N, g, r0, n), out=out_E[e : e + g])
+            else:
+                torch.mm(a_N[r0 : r0 + n].t(), b_N[r0 : r0 + n], out=out_E[e])
         for e in self.empty:
             out_E[e].zero_()
 
     def row_sum(self, a_N, out_E) -> None:
         """out[e] = sum of a over rows e (a bias gradient)."""
-        if self.uniform:
-            torch.sum(self._3d(a_N), 1, out=out_E)
-            return
-        for e, r0, r1 in self.live:
-            torch.sum(a_N[r0:r1], 0, out=out_E[e])
+        for e, g, r0, n in self.runs:
+            if g > 1:
+                torch.sum(self._3d(a_N, g, r0, n), 1, out=out_E[e : e + g])
+            else:
+                torch.sum(a_N[r0 : r0 + n], 0, out=out_E[e])
         for e in self.empty:
             out_E[e].zero_()
 

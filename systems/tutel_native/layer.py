@@ -24,12 +24,17 @@ from systems.tutel_native.gates import GateConfig, build_gate, gate_logits
 from systems.tutel_native.routing import (
     RoutePlan,
     build_plan,
+    grouped_splits,
     gshard_loss,
     importance_load_loss,
     top_k_gates,
 )
 
 PHASES = ("gate", "encode", "a2a", "experts", "decode")
+LAYOUTS = ("auto", "live", "grouped", "max_fill", "capacity")
+# One extra batched GEMM call costs about 0.25 ms at 2 threads on this CPU (~180 GFLOP/s fp32),
+# i.e. the FLOPs of this many multiply-adds x 2 (measured, reports/tutel_native_efficiency.md).
+CALL_COST_FLOPS = 45e6
 
 
 @dataclass
@@ -143,9 +148,11 @@ class MoELayer(nn.Module):
         self.local_size = local_size
         self.result_func = result_func
         # World size 1 buffer layout: "live" rows only (per-expert mm loop, no padding),
-        # "max_fill" (E x largest fill, one bmm per GEMM), "capacity" (E x C, Tutel's) or
-        # "auto": live with one intra-op thread, max_fill with more (a loop of 2-thread mm
-        # ran 2.7x slower than one bmm on the shared 2-core machine; see the report).
+        # "grouped" (consecutive groups of experts padded to their largest fill, one bmm per
+        # group and GEMM; the group size from a cost model, see _group_size), "max_fill"
+        # (E x largest fill, one bmm per GEMM), "capacity" (E x C, Tutel's) or "auto": live
+        # with one intra-op thread, grouped with more (a batched call splits experts across
+        # threads and synchronises once; measured in reports/tutel_native_efficiency.md).
         self.expert_layout = "auto"
 
         gate_seed, expert_seed, after_seed = (list(seeds or ()) + [None] * 3)[:3]
@@ -241,7 +248,7 @@ class MoELayer(nn.Module):
             priority_S=probs_SE.detach().max(dim=1).values if self.batch_prioritized_routing else None,
             group_max=self._group_max,
             padded=self._needs_padded(),
-            max_fill_stride=self.world_size == 1 and self._layout() == "max_fill",
+            group_size=self._group_size if self.world_size == 1 else 0,
         )
         plan.overlap_degree, plan.adaptive_r = d, r
         dispatched_RM = encode(x_SM, plan, self.is_postscore)
@@ -268,11 +275,30 @@ class MoELayer(nn.Module):
         self.expert_layout = "live" if value else "capacity"
 
     def _layout(self) -> str:
-        if self.expert_layout not in ("auto", "live", "max_fill", "capacity"):
-            raise ValueError(f"expert_layout must be auto, live, max_fill or capacity, got {self.expert_layout!r}")
+        if self.expert_layout not in LAYOUTS:
+            raise ValueError(f"expert_layout must be one of {', '.join(LAYOUTS)}, got {self.expert_layout!r}")
         if self.expert_layout == "auto":
-            return "live" if torch.get_num_threads() == 1 else "max_fill"
+            return "live" if torch.get_num_threads() == 1 else "grouped"
         return self.expert_layout
+
+    def _group_size(self, fill_E: list[int]) -> int:
+        """Experts per batched call at world size 1 (0: Tutel's E x C buffer).
+
+        "grouped" picks, among the divisors g >= 2 of E, the g minimising padded rows plus
+        a fixed cost per extra batched call (CALL_COST_FLOPS, in rows of this layer's GEMMs):
+        small groups pad less, large groups make fewer calls. Custom experts take E (they are
+        called on one [E, rows, M] view)."""
+        layout, E = self._layout(), len(fill_E)
+        if layout == "capacity":
+            return 0
+        if layout == "max_fill" or not hasattr(self.experts, "compute_rows"):
+            return E
+        if layout == "live":
+            return 1
+        gemms = 3 if hasattr(self.experts, "W_fc1") else 2
+        call_rows = CALL_COST_FLOPS * gemms / (self._flops_per_row() or 1)
+        candidates = [g for g in range(2, E + 1) if E % g == 0] or [E]
+        return min(candidates, key=lambda g: (sum(grouped_splits(fill_E, g)) + call_rows * E / g, -g))
 
     def _needs_padded(self) -> bool:
         """The all-to-all and custom experts need a padded buffer; local built-in experts may take live rows."""
@@ -308,8 +334,8 @@ class MoELayer(nn.Module):
 
     def _run_local_experts(self, dispatched_RM: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
         self._rows_computed = dispatched_RM.shape[0]
-        if not plan.padded:
-            return self.experts.compute_rows(dispatched_RM, plan.fill_E)
+        if hasattr(self.experts, "compute_rows"):
+            return self.experts.compute_rows(dispatched_RM, plan.row_splits)
         x_ECM = dispatched_RM.view(self.num_local_experts, -1, self.model_dim)
         y_ECO = self.experts(x_ECM, ctx=self)
         return y_ECO.reshape(dispatched_RM.shape[0], -1)

@@ -36,11 +36,12 @@ class RoutePlan:
     fill_E: list[int]  # live rows per expert: min(count, C)
     token_N: torch.Tensor  # token of each live row, rows ordered expert-major, slot-minor
     choice_N: torch.Tensor  # which of the K choices it is
-    slot_N: torch.Tensor  # e * C + loc: row in the padded [E*C] buffer
+    slot_N: torch.Tensor  # row of each live choice in the dispatched buffer (e * C + loc in [E*C, M])
     row_SK: torch.Tensor  # row of each choice in the dispatched buffer (0 where dropped)
     keep_SK: torch.Tensor | None  # 1/0 in the gates' dtype; None when nothing was dropped
-    padded: bool  # dispatched buffer is [E*stride, M] (True) or compact [N, M] (False)
-    row_stride: int = 0  # rows per expert in the padded buffer: C, or the largest fill (max_fill)
+    padded: bool  # dispatched buffer has padding rows (True) or is compact [N, M] (False)
+    row_stride: int = 0  # largest rows per expert in the buffer (C for Tutel's [E, C, M] layout)
+    row_splits: list[int] | None = None  # rows per expert in the buffer, expert-major (padding included)
     overlap_degree: int = 1
     adaptive_r: int | None = None
 
@@ -55,7 +56,9 @@ class RoutePlan:
     @property
     def rows(self) -> int:
         """Rows of the dispatched buffer."""
-        return self.num_experts * self.row_stride if self.padded else self.num_live
+        if not self.padded:
+            return self.num_live
+        return sum(self.row_splits) if self.row_splits is not None else self.num_experts * self.row_stride
 
     @property
     def row_N(self) -> torch.Tensor | None:
@@ -126,12 +129,14 @@ def build_plan(
     priority_S: torch.Tensor | None = None,
     group_max=int,
     padded: bool = False,
-    max_fill_stride: bool = False,
+    group_size=0,
 ) -> RoutePlan:
     """All slot indices for one step. ``group_max`` turns a local int into the group's max.
 
-    A padded buffer has C rows per expert, or only the largest fill with ``max_fill_stride``
-    (equal row ranges, so the experts run as one bmm per GEMM, with less padding than C)."""
+    A padded buffer has C rows per expert (``group_size`` 0, Tutel's layout), or, with
+    ``group_size`` g >= 1 (an int, or a callable fill list -> g), consecutive groups of g
+    experts padded only to the largest fill inside their group: each group's equal row
+    ranges run as one bmm per GEMM (g = E is one bmm over E x the largest fill)."""
     S, K = idx_SK.shape
     order, token_seq, expert_sorted, counts_E, loc_sorted = sorted_choices(idx_SK, num_experts, priority_S)
     spe = math.ceil(num_tokens_for_capacity / num_experts)
@@ -151,8 +156,13 @@ def build_plan(
         token_N, choice_N = token_sorted[live], choice_sorted[live]
         expert_N, loc_N = expert_sorted[live], loc_sorted[live]
     fill_E = torch.clamp(counts_E, max=C)
-    stride = max(int(fill_E.max()), 1) if max_fill_stride else C
-    slot_N = expert_N * stride + loc_N
+    fills = fill_E.tolist()
+    g = group_size(fills) if callable(group_size) else group_size
+    splits = grouped_splits(fills, g) if padded and g else [C] * num_experts
+    if not padded:
+        splits = fills
+    start_E = torch.tensor([0] + splits[:-1], device=idx_SK.device).cumsum(0)
+    slot_N = start_E.index_select(0, expert_N) + loc_N
     row_SK = torch.zeros_like(idx_SK)
     row_SK[token_N, choice_N] = slot_N if padded else torch.arange(token_N.numel(), device=idx_SK.device)
     keep_SK = None if token_N.numel() == S * K else (loc_SK < C).to(gates_SK.dtype)
@@ -165,15 +175,25 @@ def build_plan(
         loc_SK=loc_SK,
         gates_SK=gates_SK,
         dispatch_count_E=counts_E,
-        fill_E=fill_E.tolist(),
+        fill_E=fills,
         token_N=token_N,
         choice_N=choice_N,
         slot_N=slot_N,
         row_SK=row_SK,
         keep_SK=keep_SK,
         padded=padded,
-        row_stride=stride,
+        row_stride=max(splits),
+        row_splits=splits,
     )
+
+
+def grouped_splits(fills: list[int], group_size: int) -> list[int]:
+    """Rows per expert when consecutive groups of ``group_size`` experts share their largest fill."""
+    out = []
+    for g0 in range(0, len(fills), group_size):
+        group = fills[g0 : g0 + group_size]
+        out += [max(group)] * len(group)
+    return out
 
 
 def gshard_loss(probs_SE: torch.Tensor, first_choice_S: torch.Tensor) -> torch.Tensor:
