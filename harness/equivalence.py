@@ -148,14 +148,19 @@ def check_against_reference(
     x_TM: torch.Tensor,
     seed: int = 0,
 ) -> CheckResult:
-    """Compare `layer` (weights already loaded) with the reference on `x_TM`."""
+    """Compare `layer` (weights already loaded) with the reference on `x_TM`.
+
+    The reference always runs in this one process holding all E experts: whatever the
+    layer's layout (`parallel`: expert parallel, sharded experts, any r), a rank's output
+    must equal a single-process layer's on that rank's tokens (tutel-semantics.md, section 4).
+    Every rank of a multi-rank layer must call this (its forward is collective)."""
     gen = torch.Generator().manual_seed(seed + 7)
     dy_TM = torch.randn(x_TM.shape[0], shape.model_dim, generator=gen, dtype=torch.float64).to(x_TM.dtype)
     y, dx, stats = _run(layer, x_TM, dy_TM)
 
     policy = _policy_of(layer, stats, shape, knobs, x_TM.shape[0])
     notes = [policy.note] if policy.note else []
-    reference = policy_reference(shape, knobs, parallel, policy).to(x_TM.device)
+    reference = policy_reference(shape, knobs, ParallelSpec(), policy).to(x_TM.device)
     reference.load_canonical(weights.to(dtype=knobs.torch_dtype))
     y_ref, dx_ref, stats_ref = _run(reference, x_TM, dy_TM)
 

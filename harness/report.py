@@ -77,13 +77,22 @@ def _median_calibration_ms(rounds: list[dict]) -> float | None:
     return None if not values else stats.summarize(values)["median"] * 1000.0
 
 
+def _system_label(trial: dict) -> str:
+    """The system's name, with its options when set (tutel_native[adaptive_r=0]): each variant is a column."""
+    options = (trial.get("knobs") or {}).get("options") or {}
+    if not options:
+        return trial["system"]
+    return f"{trial['system']}[{','.join(f'{k}={options[k]}' for k in sorted(options))}]"
+
+
 def _trial_row(doc: dict, trial: dict) -> dict:
     summary = trial.get("summary") or {}
     check = trial.get("check")
     throughput = trial.get("throughput") or {}
     to_ms = 1000.0
     return {
-        "run_id": doc["run_id"], "created_utc": doc["created_utc"], "id": trial["id"], "system": trial["system"],
+        "run_id": doc["run_id"], "created_utc": doc["created_utc"], "id": trial["id"],
+        "system": _system_label(trial),
         "workload": trial["workload"], "flavor": trial["flavor"], "level": trial["level"], "mode": trial["mode"],
         "routing": trial["routing"], "ws": trial["parallel"]["world_size"], "ep": trial["parallel"]["ep"],
         "dtype": trial["dtype"], "cf": _format_cf(trial.get("knobs")), "status": trial["status"],

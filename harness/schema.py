@@ -222,14 +222,18 @@ def _format_cf(capacity_factor) -> str:
 
 
 def trial_id(trial: dict) -> str:
-    """"system/workload/flavor/level/mode/routing/dtype/cf/wsN-epE", e.g.
-    torch_reference/mixtral-8x7b/proxy/layer/forward/learned/float32/cf1.25/ws2-ep2."""
+    """"system/workload/flavor/level/mode/routing/dtype/cf/wsN-epE[/options]", e.g.
+    torch_reference/mixtral-8x7b/proxy/layer/forward/learned/float32/cf1.25/ws2-ep2, and
+    tutel_native/.../ws4-ep4/adaptive_r=0,overlap_degree=2 when system options are set."""
     knobs = trial.get("knobs") or {}
     capacity_factor = knobs.get("capacity_factor", trial.get("capacity_factor"))
     parallel = trial["parallel"]
     parts = [trial["system"], trial["workload"], trial["flavor"], trial["level"], trial["mode"], trial["routing"],
              trial.get("dtype") or knobs.get("dtype", "float32"), _format_cf(capacity_factor),
              f"ws{parallel['world_size']}-ep{parallel['ep']}"]
+    options = knobs.get("options") or {}
+    if options:
+        parts.append(",".join(f"{key}={options[key]}" for key in sorted(options)))
     return "/".join(str(p) for p in parts)
 
 

@@ -122,8 +122,9 @@ class ParallelSpec:
             )
         if self.world_size % self.nnodes:
             raise ValueError(f"world size {self.world_size} is not divisible by nnodes {self.nnodes}")
-        if num_experts is not None and num_experts % self.ep:
-            raise ValueError(f"num_experts {num_experts} is not divisible by ep {self.ep}")
+        if num_experts is not None and num_experts % self.ep and self.ep % num_experts:
+            # ep > E with ep % E == 0 is sharded experts (Tutel); systems without them say so.
+            raise ValueError(f"num_experts {num_experts} and ep {self.ep}: neither divides the other")
 
 
 @dataclass

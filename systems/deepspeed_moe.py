@@ -43,6 +43,7 @@ from systems.base import (
 )
 from systems.peer_common import CanonicalFFN, check_world, ensure_single_process_env
 
+
 def _name_the_accelerator() -> None:
     """Tell DeepSpeed which accelerator it is on (its documented DS_ACCELERATOR switch) instead of
     letting it probe and warn; a user's own setting wins."""

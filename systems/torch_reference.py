@@ -207,6 +207,9 @@ class TorchReference(MoESystem):
             return Availability.no(f"torch_reference takes no options, got {sorted(knobs.options)}")
         if parallel.tp != 1:
             return Availability.no("torch_reference has no tensor parallelism")
+        if shape.num_experts % parallel.ep:
+            return Availability.no(f"{shape.num_experts} experts are not divisible by ep {parallel.ep} "
+                                   "(no sharded experts)")
         return Availability.yes()
 
     def build_layer(self, shape, knobs, parallel, layer_index=0):

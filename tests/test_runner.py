@@ -147,7 +147,7 @@ MORE_CLI_ERRORS = {
     "bad int": (["--steps", "five"], "invalid int value: 'five'"),
     "zero steps": (["--steps", "0"], "--steps must be at least 1"),
     "ep does not divide": (["--nproc-per-node", "2", "--ep", "4"], "not divisible by ep*tp = 4"),
-    "experts not divisible": (["--nproc-per-node", "3", "--ep", "3"], "num_experts 8 is not divisible by ep 3"),
+    "experts not divisible": (["--nproc-per-node", "3", "--ep", "3"], "neither divides the other"),
     "multi-node without endpoint": (["--nnodes", "2"], "needs --rdzv-endpoint"),
     "bad endpoint": (["--nnodes", "2", "--rdzv-endpoint", "host"], "must be HOST:PORT"),
     "node rank": (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:1"], "node-rank must be in 0..1"),

@@ -46,7 +46,7 @@ def test_spec_json_round_trip_keeps_every_field():
 def test_spec_validate_names_the_bad_field():
     with pytest.raises(ValueError, match="mode must be one of"):
         debug_spec(mode="sideways").validate()
-    with pytest.raises(ValueError, match="not divisible by ep"):
+    with pytest.raises(ValueError, match="neither divides the other"):
         debug_spec(parallel=ParallelSpec(world_size=3, ep=3)).validate()
 
 

@@ -23,6 +23,7 @@ from systems.base import (
     ParallelSpec,
     RoutingStats,
 )
+from systems.tutel_native.checkpoint import shard_expert_tensor
 from systems.tutel_native.layer import MoELayer
 
 OPTIONS = {
@@ -48,7 +49,10 @@ class TutelNativeLayer(MoELayerAdapter):
             from harness.distributed import expert_parallel_group
 
             group, self.ep_rank = expert_parallel_group(parallel.ep)
-        self.num_local = shape.num_experts // parallel.ep
+        # ep > E: |n| = ep / E ranks share (shard) each expert, Tutel's negative num_experts_per_device.
+        self.sharded_count = max(1, parallel.ep // shape.num_experts)
+        self.num_local = shape.num_experts // parallel.ep if self.sharded_count == 1 else 1
+        per_device = self.num_local if self.sharded_count == 1 else -self.sharded_count
         if shape.activation == "swiglu":
             experts = {"type": "llama_ffn", "activation_fn": F.silu}
         else:
@@ -58,7 +62,7 @@ class TutelNativeLayer(MoELayerAdapter):
                 "has_fc1_bias": shape.expert_bias,
                 "has_fc2_bias": shape.expert_bias,
             }
-        experts.update(num_experts_per_device=self.num_local, hidden_size_per_expert=shape.ffn_dim)
+        experts.update(num_experts_per_device=per_device, hidden_size_per_expert=shape.ffn_dim)
         cf = knobs.capacity_factor
         self.layer = MoELayer(
             {"type": opts.get("gate", "top"), "k": shape.top_k, "capacity_factor": 0.0 if cf is None else cf},
@@ -75,26 +79,36 @@ class TutelNativeLayer(MoELayerAdapter):
         ).to(knobs.torch_dtype)
         self.layer.phase_clock.enabled = bool(opts.get("profile_phases", False))
 
+    def _full_expert_tensors(self, weights: CanonicalWeights) -> dict[str, torch.Tensor]:
+        """All E experts in Tutel's world-size-1 layout (checkpoint.py's "full" tensors)."""
+        if self.shape.activation == "swiglu":
+            return {
+                "W_fc1": weights.w1_EHM.transpose(1, 2).reshape(-1),
+                "W_fc2": weights.w3_EHM.transpose(1, 2).reshape(-1),
+                "W_fc3": weights.w2_EHM.reshape(-1),
+            }
+        full = {"batched_fc1_w": weights.w1_EHM, "batched_fc2_w": weights.w2_EHM}
+        if self.shape.expert_bias:
+            full.update(batched_fc1_bias=weights.b1_EH, batched_fc2_bias=weights.b2_EM)
+        return full
+
     def load_canonical(self, weights: CanonicalWeights) -> None:
-        local = weights.expert_slice(self.ep_rank * self.num_local, self.num_local)
+        """Each rank takes its part exactly as a converted checkpoint would give it: whole
+        experts under expert parallelism, shards of one expert when ep > E."""
         ex = self.layer.experts
         with torch.no_grad():
             gate = self.layer.gates[0]
             if hasattr(gate, "wg"):  # a cosine_top gate keeps its seeded init: canonical gates are linear
                 gate.wg.weight.copy_(weights.gate_EM)
-            if self.shape.activation == "swiglu":
-                ex.W_fc1.copy_(local.w1_EHM.transpose(1, 2).reshape(-1))
-                ex.W_fc2.copy_(local.w3_EHM.transpose(1, 2).reshape(-1))
-                ex.W_fc3.copy_(local.w2_EHM.reshape(-1))
-            else:
-                ex.batched_fc1_w.copy_(local.w1_EHM)
-                ex.batched_fc2_w.copy_(local.w2_EHM)
-                if ex.batched_fc1_bias is not None:
-                    ex.batched_fc1_bias.copy_(local.b1_EH)
-                    ex.batched_fc2_bias.copy_(local.b2_EM)
+            for name, full in self._full_expert_tensors(weights).items():
+                local = shard_expert_tensor(name, full, self.shape.num_experts, self.parallel.ep, self.ep_rank)
+                getattr(ex, name).copy_(local.reshape(getattr(ex, name).shape))
 
     def export_canonical(self) -> CanonicalWeights:
-        """This rank's experts in canonical layout (the inverse of load_canonical) with the full gate."""
+        """This rank's whole experts in canonical layout (the inverse of load_canonical) with the
+        full gate. Sharded experts (ep > E) have no per-rank canonical form: gather a checkpoint."""
+        if self.sharded_count > 1:
+            raise ValueError("sharded experts: gather the ranks' checkpoints (checkpoint.gather) to export")
         ex, E, M, H = self.layer.experts, self.num_local, self.shape.model_dim, self.shape.ffn_dim
         with torch.no_grad():
             gate = self.layer.gates[0]
@@ -152,6 +166,9 @@ class TutelNative(MoESystem):
             return Availability.no(f"gate must be 'top' or 'cosine_top', got {gate!r}")
         if parallel.tp != 1:
             return Availability.no("tutel_native has no tensor parallelism (tp must be 1)")
+        E, ep = shape.num_experts, parallel.ep
+        if E % ep and ep % E:
+            return Availability.no(f"{E} experts can be neither split over nor sharded across ep {ep} ranks")
         if parallel.world_size > 1:
             try:
                 from systems.tutel_native import parallel as _parallel  # noqa: F401
