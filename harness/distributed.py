@@ -89,19 +89,20 @@ def _dp_groups(ep: int, world: int):
     return [dist.new_group(list(range(first, world, ep))) for first in range(ep)]
 
 
-def _average(grads: list[torch.Tensor], group, size: int) -> None:
-    """One bucketed all-reduce per dtype, averaged over `size` ranks."""
+def all_reduce_flat_(tensors: list[torch.Tensor], group=None, divide_by: int = 1) -> None:
+    """Sum `tensors` in place over `group` (then divide), one flat buffer and one collective per dtype."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
     for bucket in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in bucket])
+        flat = torch.cat([t.reshape(-1) for t in bucket])
         dist.all_reduce(flat, group=group)
-        flat /= size
+        if divide_by != 1:
+            flat /= divide_by
         offset = 0
-        for g in bucket:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        for t in bucket:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def sync_gradients(module: torch.nn.Module, expert_params: list[torch.Tensor], parallel: ParallelSpec) -> None:
@@ -116,7 +117,7 @@ def sync_gradients(module: torch.nn.Module, expert_params: list[torch.Tensor], p
         return
     expert_ids = {id(p) for p in expert_params}
     dense = [p.grad for p in module.parameters() if p.grad is not None and id(p) not in expert_ids]
-    _average(dense, None, parallel.world_size)
+    all_reduce_flat_(dense, None, divide_by=parallel.world_size)
     if parallel.dp > 1:
         experts = [p.grad for p in expert_params if p.grad is not None]
-        _average(experts, data_parallel_group(parallel.ep), parallel.dp)
+        all_reduce_flat_(experts, data_parallel_group(parallel.ep), divide_by=parallel.dp)

@@ -330,18 +330,9 @@ def allreduce_gate_gradients(module: torch.nn.Module, group=None, average: bool 
     grads = [p.grad for p in module.parameters() if p.grad is not None and not is_expert_param(p)]
     if world == 1 or not grads:
         return len(grads)
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    for same in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in same])
-        dist.all_reduce(flat, group=group)
-        if average:
-            flat /= world
-        offset = 0
-        for g in same:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+    from harness.distributed import all_reduce_flat_
+
+    all_reduce_flat_(grads, group, divide_by=world if average else 1)
     return len(grads)
 
 
