@@ -86,5 +86,6 @@ def git_info(repo_dir) -> dict:
     head = _git(Path(repo_dir), "rev-parse", "HEAD")
     if head is None:
         return {"commit": None, "dirty": None}
-    status = _git(Path(repo_dir), "status", "--porcelain")
+    # Tracked files only: new result files must not mark the code that produced them as dirty.
+    status = _git(Path(repo_dir), "status", "--porcelain", "--untracked-files=no")
     return {"commit": head.strip(), "dirty": None if status is None else bool(status.strip())}

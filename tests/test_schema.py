@@ -218,3 +218,18 @@ def test_git_info_reports_commit_and_dirty_flag(tmp_path):
     assert len(info["commit"]) == 40 and info["dirty"] is False
     (tmp_path / "a.txt").write_text("two")
     assert environment.git_info(tmp_path) == {"commit": info["commit"], "dirty": True}
+
+
+def test_git_dirty_means_changed_tracked_files_not_new_results(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    (tmp_path / "results.json").write_text("{}")  # a new results file: the code is still clean
+    assert environment.git_info(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    info = environment.git_info(tmp_path)
+    assert info["dirty"] is True and len(info["commit"]) == 40
