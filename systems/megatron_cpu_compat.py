@@ -53,6 +53,11 @@ def apply() -> None:
     # torch.cuda.current_device(). Give that one module a torch whose current
     # device is the CPU.
     mappings.torch = _TorchWithCpuDevice()
+    # Failure: the same for GlobalMemoryBuffer.get_tensor (megatron.core.utils), which the
+    # all-gather dispatcher's gather at EP > 1 uses for its output buffer.
+    from megatron.core import utils as megatron_utils
+
+    megatron_utils.torch = _TorchWithCpuDevice()
 
     # Failure: RouterGatingLinearFunction tests `te_general_gemm is not None`, but
     # the name is only defined when TransformerEngine imports (NameError without
