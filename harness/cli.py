@@ -38,18 +38,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     for module in _command_modules():
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
-        handlers[module.NAME] = module.run
+        handlers[module.NAME] = module
     return parser, handlers
 
 
 def main(argv: list[str] | None = None) -> int:
     parser, handlers = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    passthrough = bool(argv) and getattr(handlers.get(argv[0]), "PASSES_EXTRA_ARGS", False)
+    if passthrough and not {"-h", "--help"} & set(argv[1:2]):
+        # Everything after the command goes to the tool it wraps, verbatim and in order.
+        args = argparse.Namespace(command=argv[0], extra_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    command = handlers[args.command]
     try:
-        return int(handlers[args.command](args) or 0)
+        return int(command.run(args) or 0)
     except (UsageError, ValueError) as exc:
         print(f"moebench {args.command}: error: {exc}", file=sys.stderr)
         return 2
