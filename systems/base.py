@@ -256,6 +256,10 @@ class MoESystem(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    # System-specific knobs (MoEKnobs.options) this system understands: name -> meaning.
+    options: ClassVar[dict[str, str]] = {}
+    # Can ep exceed the expert count (ep % E == 0: each expert sharded over ep / E ranks, Tutel-style)?
+    shards_experts: ClassVar[bool] = False
 
     @classmethod
     def availability(cls) -> Availability:
@@ -263,9 +267,20 @@ class MoESystem(ABC):
         return Availability.yes()
 
     def check_support(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec) -> Availability:
-        """Can it run this particular trial? Unsupported options give a reason, never a crash."""
-        if knobs.options:
-            return Availability.no(f"{self.name} has no options {sorted(knobs.options)}")
+        """Can it run this particular trial? Unsupported options give a reason, never a crash.
+
+        The rules every system shares; a subclass adds its own after calling this."""
+        unknown = sorted(set(knobs.options) - set(self.options))
+        if unknown:
+            known = ", ".join(sorted(self.options)) or "none"
+            return Availability.no(f"{self.name} does not understand option(s) {unknown} (known: {known})")
+        if parallel.tp != 1:
+            return Availability.no(f"{self.name} runs without tensor parallelism (tp must be 1)")
+        E, ep = shape.num_experts, parallel.ep
+        if E % ep and not (self.shards_experts and ep % E == 0):
+            if self.shards_experts:
+                return Availability.no(f"{E} experts can be neither split over nor sharded across ep {ep} ranks")
+            return Availability.no(f"{E} experts are not divisible by ep {ep} ({self.name} has no sharded experts)")
         return Availability.yes()
 
     def init_distributed(self, parallel: ParallelSpec) -> None:

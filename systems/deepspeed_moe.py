@@ -163,15 +163,6 @@ class DeepSpeedMoE(MoESystem):
             return Availability.no(f"deepspeed is not importable: {exc}")
         return Availability.yes()
 
-    def check_support(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec) -> Availability:
-        if knobs.options:
-            return Availability.no(f"deepspeed_moe takes no options, got {sorted(knobs.options)}")
-        if parallel.tp != 1:
-            return Availability.no("deepspeed_moe adapter does not set up expert tensor parallelism (tp must be 1)")
-        if shape.num_experts % parallel.ep:
-            return Availability.no(f"{shape.num_experts} experts are not divisible by ep {parallel.ep}")
-        return Availability.yes()
-
     def init_distributed(self, parallel: ParallelSpec) -> None:
         """deepspeed.init_distributed even for one process: MoE's groups need its comm backend."""
         _name_the_accelerator()

@@ -55,7 +55,6 @@ from systems.base import (
 from systems.peer_common import check_world, ensure_single_process_env
 
 DISPATCHERS = ("alltoall", "allgather")
-KNOWN_OPTIONS = ("dispatcher", "grouped_gemm")
 AUX_LOSS_COEFF = 1e-2
 AUX_LOSS_NAME = "load_balancing_loss"
 LAYER_NUMBER = 1
@@ -219,6 +218,8 @@ class MegatronMoELayer(MoELayerAdapter):
 class MegatronCore(MoESystem):
     name = "megatron_core"
     description = "Megatron-Core MoELayer (SequentialMLP experts, all-to-all or all-gather dispatcher)"
+    options = {"dispatcher": "token dispatcher: 'alltoall' (default) or 'allgather'",
+               "grouped_gemm": "Megatron's grouped GEMM experts (CUDA-only; refused here)"}
 
     @classmethod
     def availability(cls) -> Availability:
@@ -229,9 +230,9 @@ class MegatronCore(MoESystem):
         return Availability.yes()
 
     def check_support(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec) -> Availability:
-        unknown = sorted(set(knobs.options) - set(KNOWN_OPTIONS))
-        if unknown:
-            return Availability.no(f"megatron_core has no options {unknown}; known: {', '.join(KNOWN_OPTIONS)}")
+        common = super().check_support(shape, knobs, parallel)
+        if not common.ok:
+            return common
         dispatcher = knobs.options.get("dispatcher", "alltoall")
         if dispatcher not in DISPATCHERS:
             return Availability.no(f"megatron_core dispatcher must be one of {DISPATCHERS}, got {dispatcher!r}")
@@ -241,10 +242,6 @@ class MegatronCore(MoESystem):
         if shape.expert_bias:
             return Availability.no("megatron_core adapter: expert biases (add_bias_linear) are not wired up "
                                    "(Megatron fails with an in-place view error at world size 1)")
-        if parallel.tp != 1:
-            return Availability.no("megatron_core adapter runs tp=1 only")
-        if shape.num_experts % parallel.ep:
-            return Availability.no(f"{shape.num_experts} experts are not divisible by ep {parallel.ep}")
         if torch.cuda.is_available():
             from megatron.core.transformer.moe import moe_utils
 

@@ -200,17 +200,5 @@ class TorchReference(MoESystem):
     name = "torch_reference"
     description = "plain PyTorch loop over experts; the numerical reference"
 
-    def check_support(self, shape, knobs, parallel):
-        from systems.base import Availability
-
-        if knobs.options:
-            return Availability.no(f"torch_reference takes no options, got {sorted(knobs.options)}")
-        if parallel.tp != 1:
-            return Availability.no("torch_reference has no tensor parallelism")
-        if shape.num_experts % parallel.ep:
-            return Availability.no(f"{shape.num_experts} experts are not divisible by ep {parallel.ep} "
-                                   "(no sharded experts)")
-        return Availability.yes()
-
     def build_layer(self, shape, knobs, parallel, layer_index=0):
         return ReferenceMoELayer(shape, knobs, parallel)

@@ -118,13 +118,7 @@ class Tutel(MoESystem):
         available = self.availability()
         if not available.ok:
             return available
-        if knobs.options:
-            return Availability.no(f"tutel adapter takes no options, got {sorted(knobs.options)}")
-        if parallel.tp != 1:
-            return Availability.no("tutel adapter runs tp=1 only")
-        if shape.num_experts % parallel.ep:
-            return Availability.no(f"{shape.num_experts} experts are not divisible by ep {parallel.ep}")
-        return Availability.yes()
+        return super().check_support(shape, knobs, parallel)
 
     def build_layer(self, shape, knobs, parallel, layer_index=0):
         return TutelLayer(shape, knobs, parallel)

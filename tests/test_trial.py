@@ -97,7 +97,7 @@ def test_model_round_is_ok_with_per_layer_routing():
 def test_unsupported_trial_is_skipped_with_the_systems_reason():
     result = trial.run_trial(debug_spec(knobs=MoEKnobs(options={"overlap": 2})))
     assert result["status"] == "skipped"
-    assert "takes no options" in result["message"]
+    assert "does not understand option(s) ['overlap']" in result["message"]
     assert result["samples_s"] == []
 
 

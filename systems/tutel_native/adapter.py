@@ -156,19 +156,16 @@ class TutelNativeLayer(MoELayerAdapter):
 class TutelNative(MoESystem):
     name = "tutel_native"
     description = "native Tutel-style adaptive MoE: sparse dispatch, live-row experts, adaptive r/d/capacity"
+    options = OPTIONS
+    shards_experts = True  # ep > E: Tutel's negative num_experts_per_device
 
     def check_support(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec) -> Availability:
-        unknown = sorted(set(knobs.options) - set(OPTIONS))
-        if unknown:
-            return Availability.no(f"tutel_native does not understand option(s) {unknown}; known: {sorted(OPTIONS)}")
+        common = super().check_support(shape, knobs, parallel)
+        if not common.ok:
+            return common
         gate = knobs.options.get("gate", "top")
         if gate not in ("top", "cosine_top"):
             return Availability.no(f"gate must be 'top' or 'cosine_top', got {gate!r}")
-        if parallel.tp != 1:
-            return Availability.no("tutel_native has no tensor parallelism (tp must be 1)")
-        E, ep = shape.num_experts, parallel.ep
-        if E % ep and ep % E:
-            return Availability.no(f"{E} experts can be neither split over nor sharded across ep {ep} ranks")
         if parallel.world_size > 1:
             try:
                 from systems.tutel_native import parallel as _parallel  # noqa: F401
