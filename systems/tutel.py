@@ -5,10 +5,8 @@ itself unavailable with the reason; it is written against the contract in
 shared/docs/tutel-semantics.md (sections 1, 2, 7) and untested on this machine.
 
 Canonical weights -> Tutel's state dict (contract section 7, sharded_count 1):
-  gates.0.wg.weight            = gate_EM
-  ffn:       experts.batched_fc1_w [E_local, H, M] = w1;  experts.batched_fc2_w = w2 (already fc2^T)
-             experts.batched_fc1_bias [E_local, H], experts.batched_fc2_bias [E_local, M]
-  llama_ffn: y = (silu(x W1) * (x W2)) W3, W1 = w1^T, W2 = w3^T ([M, H]), W3 = w2 ([H, M]), stored flat.
+gates.0.wg.weight = gate_EM, experts as tutel_native's checkpoint module maps them
+(``experts_from_canonical``, the one place that knows the layout).
 Dropless is ``capacity_factor=0`` at construction. Tokens per expert are
 recounted from the gate (Tutel's own dispatch_count is read off one row and
 is wrong for dropless; contract section 2.6).
@@ -61,18 +59,13 @@ class TutelLayer(MoELayerAdapter):
         self._stats: RoutingStats | None = None
 
     def load_canonical(self, weights: CanonicalWeights) -> None:
-        local = weights.expert_slice(self.ep_rank * self.num_local, self.num_local).to(dtype=self.knobs.torch_dtype)
-        state = {"gates.0.wg.weight": local.gate_EM}
-        if self.shape.activation == "swiglu":
-            state["experts.W_fc1"] = local.w1_EHM.transpose(1, 2).reshape(-1)
-            state["experts.W_fc2"] = local.w3_EHM.transpose(1, 2).reshape(-1)
-            state["experts.W_fc3"] = local.w2_EHM.reshape(-1)
-        else:
-            state["experts.batched_fc1_w"] = local.w1_EHM
-            state["experts.batched_fc2_w"] = local.w2_EHM
-            if local.b1_EH is not None:
-                state["experts.batched_fc1_bias"] = local.b1_EH
-                state["experts.batched_fc2_bias"] = local.b2_EM
+        from systems.tutel_native.checkpoint import experts_from_canonical, shard_expert_tensor
+
+        weights = weights.to(dtype=self.knobs.torch_dtype)
+        state = {"gates.0.wg.weight": weights.gate_EM}
+        E, ep = self.shape.num_experts, self.parallel.ep
+        for name, full in experts_from_canonical(weights, self.shape.activation, self.shape.expert_bias).items():
+            state[f"experts.{name}"] = shard_expert_tensor(name, full, E, ep, self.ep_rank)
         self.moe.load_state_dict(state, strict=False)
 
     def forward(self, x_TM: torch.Tensor) -> MoEOutput:

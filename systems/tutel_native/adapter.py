@@ -23,7 +23,7 @@ from systems.base import (
     ParallelSpec,
     RoutingStats,
 )
-from systems.tutel_native.checkpoint import shard_expert_tensor
+from systems.tutel_native.checkpoint import experts_from_canonical, shard_expert_tensor
 from systems.tutel_native.layer import MoELayer
 
 OPTIONS = {
@@ -79,19 +79,6 @@ class TutelNativeLayer(MoELayerAdapter):
         ).to(knobs.torch_dtype)
         self.layer.phase_clock.enabled = bool(opts.get("profile_phases", False))
 
-    def _full_expert_tensors(self, weights: CanonicalWeights) -> dict[str, torch.Tensor]:
-        """All E experts in Tutel's world-size-1 layout (checkpoint.py's "full" tensors)."""
-        if self.shape.activation == "swiglu":
-            return {
-                "W_fc1": weights.w1_EHM.transpose(1, 2).reshape(-1),
-                "W_fc2": weights.w3_EHM.transpose(1, 2).reshape(-1),
-                "W_fc3": weights.w2_EHM.reshape(-1),
-            }
-        full = {"batched_fc1_w": weights.w1_EHM, "batched_fc2_w": weights.w2_EHM}
-        if self.shape.expert_bias:
-            full.update(batched_fc1_bias=weights.b1_EH, batched_fc2_bias=weights.b2_EM)
-        return full
-
     def load_canonical(self, weights: CanonicalWeights) -> None:
         """Each rank takes its part exactly as a converted checkpoint would give it: whole
         experts under expert parallelism, shards of one expert when ep > E."""
@@ -100,7 +87,8 @@ class TutelNativeLayer(MoELayerAdapter):
             gate = self.layer.gates[0]
             if hasattr(gate, "wg"):  # a cosine_top gate keeps its seeded init: canonical gates are linear
                 gate.wg.weight.copy_(weights.gate_EM)
-            for name, full in self._full_expert_tensors(weights).items():
+            full_experts = experts_from_canonical(weights, self.shape.activation, self.shape.expert_bias)
+            for name, full in full_experts.items():
                 local = shard_expert_tensor(name, full, self.shape.num_experts, self.parallel.ep, self.ep_rank)
                 getattr(ex, name).copy_(local.reshape(getattr(ex, name).shape))
 

@@ -28,6 +28,25 @@ EXPERT_NAMES = ROW_SHARDED + PADDED_SHARDED + FLAT_SHARDED
 NUM_EXPERTS_KEY = "_num_global_experts"
 
 
+def experts_from_canonical(weights, activation: str, expert_bias: bool) -> dict[str, torch.Tensor]:
+    """All E experts of canonical weights (systems/base.py) as full world-size-1 Tutel tensors.
+
+    ffn: batched_fc1_w = w1, batched_fc2_w = w2 (fc2's weight transposed), biases as is;
+    llama_ffn (y = (act(x W1) * (x W2)) W3): W_fc1 = w1^T, W_fc2 = w3^T, W_fc3 = w2, flat.
+    Cut a rank's part with shard_expert_tensor.
+    """
+    if activation == "swiglu":
+        return {
+            "W_fc1": weights.w1_EHM.transpose(1, 2).reshape(-1),
+            "W_fc2": weights.w3_EHM.transpose(1, 2).reshape(-1),
+            "W_fc3": weights.w2_EHM.reshape(-1),
+        }
+    full = {"batched_fc1_w": weights.w1_EHM, "batched_fc2_w": weights.w2_EHM}
+    if expert_bias:
+        full.update(batched_fc1_bias=weights.b1_EH, batched_fc2_bias=weights.b2_EM)
+    return full
+
+
 def _layer_prefixes(state: dict) -> list[str]:
     """Prefixes of the MoE layers in a state dict (keys ending with _num_global_experts)."""
     return [key[: -len(NUM_EXPERTS_KEY)] for key in state if key.endswith(NUM_EXPERTS_KEY)]
