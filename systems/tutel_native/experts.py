@@ -1,9 +1,11 @@
 """Expert networks (sections 1, 5, 7): ``ffn``, ``llama_ffn`` (SwiGLU) and ``custom``.
 
-The built-in experts run as one autograd Function over *row ranges*: expert e
-owns rows [start_e, start_e + n_e) of a [N, M] buffer. At world size 1 those
-are only the live rows (padding slots cost no GEMM time); for a padded
-[E, C, M] buffer every range has C rows. Consecutive experts with equal ranges run
+The built-in experts run on *row ranges*: expert e owns rows [start_e, start_e + n_e)
+of a [N, M] buffer. At world size 1 those are only the live rows (padding slots cost
+no GEMM time); for a padded [E, C, M] buffer every range has C rows. Two kernels
+(expert_ops.KERNELS): "onednn" (per_expert.py; expert by expert with oneDNN's matmul,
+the default on CPU fp32) and "mm", this module's one autograd Function for any device
+and dtype. In the "mm" kernel consecutive experts with equal ranges run
 as one ``torch.bmm(out=...)`` per GEMM, a lone range as one ``torch.mm(out=...)``
 (with more than one intra-op thread a batched call parallelises over experts and
 synchronises once; see reports/tutel_native_efficiency.md), and weight gradients
@@ -21,63 +23,13 @@ Legend: N rows, M model dim, H expert hidden, O output dim, E local experts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def activation_kind(act) -> str:
-    """Name of an activation with a known closed-form derivative, else 'generic'."""
-    if act is F.silu or isinstance(act, nn.SiLU):
-        return "silu"
-    if act is F.relu or act is torch.relu or isinstance(act, nn.ReLU):
-        return "relu"
-    if act is F.gelu or (isinstance(act, nn.GELU) and act.approximate == "none"):
-        return "gelu"
-    return "generic"
-
-
-def _act_forward(kind: str, act, h: torch.Tensor, out: torch.Tensor) -> None:
-    if kind == "silu":
-        torch.ops.aten.silu.out(h, out=out)
-    elif kind == "gelu":
-        torch.ops.aten.gelu.out(h, out=out)
-    elif kind == "relu":
-        torch.clamp_min(h, 0, out=out)
-    else:
-        out.copy_(act(h))
-
-
-def _act_backward(kind: str, act, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    if kind == "silu":
-        return torch.ops.aten.silu_backward(grad, h)
-    if kind == "gelu":
-        return torch.ops.aten.gelu_backward(grad, h)
-    if kind == "relu":
-        return grad * (h > 0)
-    with torch.enable_grad():
-        h_leaf = h.detach().requires_grad_(True)
-        (d_h,) = torch.autograd.grad(act(h_leaf), h_leaf, grad)
-    return d_h
-
-
-@dataclass(frozen=True)
-class RowSpec:
-    """Static description of one expert call (not a tensor, so autograd ignores it)."""
-
-    splits: tuple[int, ...]  # rows per expert
-    act_kind: str
-    act: object
-    gated: bool  # SwiGLU: act(x W_in) * (x W_gate)
-    in_transposed: bool  # W_in[e] stored [H, M] (ffn) instead of [M, H] (llama)
-
-    def ranges(self):
-        start = 0
-        for e, n in enumerate(self.splits):
-            yield e, start, start + n
-            start += n
+from systems.tutel_native import per_expert
+from systems.tutel_native.expert_ops import KERNELS, RowSpec, act_backward, act_forward, activation_kind
 
 
 class _Groups:
@@ -160,7 +112,7 @@ class _ExpertRows(torch.autograd.Function):
             u_NH = x_NM.new_empty(N, H)
             groups.mm(x_NM, w_gate, u_NH)
         s_NH = x_NM.new_empty(N, H)  # act(h)
-        _act_forward(spec.act_kind, spec.act, h_NH, s_NH)
+        act_forward(spec.act_kind, spec.act, h_NH, s_NH)
         a_NH = s_NH * u_NH if spec.gated else s_NH  # input of the output projection
         y_NO = x_NM.new_empty(N, O)
         groups.mm(a_NH, w_out, y_NO, bias_E=b_out)
@@ -188,9 +140,9 @@ class _ExpertRows(torch.autograd.Function):
         d_u_NH = None
         if spec.gated:
             d_u_NH = d_a_NH * s_NH
-            d_h_NH = _act_backward(spec.act_kind, spec.act, d_a_NH.mul_(u_NH), h_NH)
+            d_h_NH = act_backward(spec.act_kind, spec.act, d_a_NH.mul_(u_NH), h_NH)
         else:
-            d_h_NH = _act_backward(spec.act_kind, spec.act, d_a_NH, h_NH)
+            d_h_NH = act_backward(spec.act_kind, spec.act, d_a_NH, h_NH)
         if need_b_in and ctx.has_b_in:
             d_b_in = x_NM.new_empty(w_in.shape[0], h_NH.shape[1])
             groups.row_sum(d_h_NH, d_b_in)
@@ -211,6 +163,25 @@ class _ExpertRows(torch.autograd.Function):
         return d_x, None, d_in, d_gate, d_out, d_b_in, d_b_out
 
 
+def resolve_kernel(kernel: str, x: torch.Tensor) -> str:
+    """"auto" -> "onednn" where oneDNN's fp32 matmul is usable for ``x``, else "mm"."""
+    if kernel not in KERNELS:
+        raise ValueError(f"expert kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    available = per_expert.kernel_available(x.device.type, x.dtype)
+    if kernel == "auto":
+        return "onednn" if available else "mm"
+    if kernel == "onednn" and not available:
+        raise ValueError(f"expert kernel 'onednn' needs a CPU fp32 input and torch built with oneDNN "
+                         f"(got {x.device.type} {x.dtype})")
+    return kernel
+
+
+def expert_rows(x_NM, spec: RowSpec, w_in, w_gate, w_out, b_in, b_out) -> torch.Tensor:
+    """The built-in experts on ``spec``'s row ranges, with its (resolved) kernel."""
+    function = per_expert.PerExpertRows if spec.kernel == "onednn" else _ExpertRows
+    return function.apply(x_NM, spec, w_in, w_gate, w_out, b_in, b_out)
+
+
 class _ExpertBase(nn.Module):
     """Shared API: fixed-order weights (the seam for all-gathers) and row-range compute."""
 
@@ -226,7 +197,7 @@ class _ExpertBase(nn.Module):
     def forward(self, x_ENM: torch.Tensor, ctx=None) -> torch.Tensor:
         """Padded call (Tutel's expert interface): [E_local, N, M] -> [E_local, N, O]."""
         E, N, M = x_ENM.shape
-        y_RO = self.compute_rows(x_ENM.reshape(E * N, M), (N,) * E)
+        y_RO = self.compute_rows(x_ENM.reshape(E * N, M), (N,) * E, kernel=getattr(ctx, "expert_kernel", "auto"))
         return y_RO.view(E, N, -1)
 
 
@@ -248,15 +219,16 @@ class FFNExperts(_ExpertBase):
         )
         self.output_dim = output_dim
 
-    def compute_rows(self, x_NM: torch.Tensor, splits, weights=None) -> torch.Tensor:
+    def compute_rows(self, x_NM: torch.Tensor, splits, weights=None, kernel: str = "auto") -> torch.Tensor:
         """Expert e on rows of its range; ``weights`` overrides (e.g. all-gathered) parameters."""
         names = self.present_weight_names()
         named = dict(zip(names, weights if weights is not None else self.local_weights(), strict=True))
         dt = x_NM.dtype
         w1, w2 = named["batched_fc1_w"].to(dt), named["batched_fc2_w"].to(dt)
         b1, b2 = named.get("batched_fc1_bias"), named.get("batched_fc2_bias")
-        spec = RowSpec(tuple(splits), self.act_kind, self.act, gated=False, in_transposed=True)
-        return _ExpertRows.apply(
+        spec = RowSpec(tuple(splits), self.act_kind, self.act, gated=False, in_transposed=True,
+                       kernel=resolve_kernel(kernel, x_NM))
+        return expert_rows(
             x_NM, spec, w1, None, w2, None if b1 is None else b1.to(dt), None if b2 is None else b2.to(dt)
         )
 
@@ -282,12 +254,13 @@ class LlamaFFNExperts(_ExpertBase):
         w1, w2, w3 = (w if w.numel() == numel else w[:numel] for w in weights)
         return w1.view(E, M, H), w2.view(E, M, H), w3.view(E, H, M)
 
-    def compute_rows(self, x_NM: torch.Tensor, splits, weights=None) -> torch.Tensor:
+    def compute_rows(self, x_NM: torch.Tensor, splits, weights=None, kernel: str = "auto") -> torch.Tensor:
         """``weights``: full (unsharded or all-gathered) flat tensors in W_fc1, W_fc2, W_fc3 order."""
         weights = self.local_weights() if weights is None else weights
         w1, w2, w3 = self.full_views(tuple(w.to(x_NM.dtype) for w in weights))
-        spec = RowSpec(tuple(splits), self.act_kind, self.act, gated=True, in_transposed=False)
-        return _ExpertRows.apply(x_NM, spec, w1, w2, w3, None, None)
+        spec = RowSpec(tuple(splits), self.act_kind, self.act, gated=True, in_transposed=False,
+                       kernel=resolve_kernel(kernel, x_NM))
+        return expert_rows(x_NM, spec, w1, w2, w3, None, None)
 
 
 EXPERT_KEYS = {

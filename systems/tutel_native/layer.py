@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from systems.tutel_native.dispatch import decode, encode
-from systems.tutel_native.experts import EXPERT_KEYS, build_experts
+from systems.tutel_native.experts import EXPERT_KEYS, build_experts, resolve_kernel
 from systems.tutel_native.gates import GateConfig, build_gate, gate_logits
 from systems.tutel_native.routing import (
     RoutePlan,
@@ -147,12 +147,16 @@ class MoELayer(nn.Module):
         self.use_2dh = bool(use_2dh)
         self.local_size = local_size
         self.result_func = result_func
-        # World size 1 buffer layout: "live" rows only (per-expert mm loop, no padding),
-        # "grouped" (consecutive groups of experts padded to their largest fill, one bmm per
-        # group and GEMM; the group size from a cost model, see _group_size), "max_fill"
-        # (E x largest fill, one bmm per GEMM), "capacity" (E x C, Tutel's) or "auto": live
-        # with one intra-op thread, grouped with more (a batched call splits experts across
-        # threads and synchronises once; measured in reports/tutel_native_efficiency.md).
+        # Expert GEMM kernel (expert_ops.KERNELS): "onednn" (expert by expert, oneDNN matmul; CPU
+        # fp32), "mm" (torch mm/bmm on row ranges of one buffer) or "auto" (onednn where available).
+        self.expert_kernel = "auto"
+        self._kernel = "mm"  # expert_kernel resolved for the current step's input
+        # World size 1 buffer layout: "live" rows only (no padding), "grouped" (consecutive groups of experts
+        # padded to their largest fill, one bmm per group and GEMM; the group size from a cost
+        # model, see _splits_for), "max_fill" (E x largest fill, one bmm per GEMM), "capacity"
+        # (E x C, Tutel's) or "auto": live with the onednn kernel or one intra-op thread, else
+        # grouped (a batched call splits experts across threads and synchronises once; measured
+        # in reports/tutel_native_efficiency.md).
         self.expert_layout = "auto"
 
         gate_seed, expert_seed, after_seed = (list(seeds or ()) + [None] * 3)[:3]
@@ -228,6 +232,7 @@ class MoELayer(nn.Module):
         clock = self.phase_clock
         clock.start()
         x_SM = x.reshape(-1, self.model_dim)
+        self._kernel = resolve_kernel(self.expert_kernel, x_SM)
         S = x_SM.shape[0]
         noisy_SE, clean_SE = gate_logits(gate, x_SM, E, self.training)
         probs_SE = torch.softmax(noisy_SE, dim=1)
@@ -248,7 +253,7 @@ class MoELayer(nn.Module):
             priority_S=probs_SE.detach().max(dim=1).values if self.batch_prioritized_routing else None,
             group_max=self._group_max,
             padded=self._needs_padded(),
-            group_size=self._group_size if self.world_size == 1 else 0,
+            splits_for=self._splits_for() if self.world_size == 1 else None,
         )
         plan.overlap_degree, plan.adaptive_r = d, r
         dispatched_RM = encode(x_SM, plan, self.is_postscore)
@@ -278,27 +283,35 @@ class MoELayer(nn.Module):
         if self.expert_layout not in LAYOUTS:
             raise ValueError(f"expert_layout must be one of {', '.join(LAYOUTS)}, got {self.expert_layout!r}")
         if self.expert_layout == "auto":
-            return "live" if torch.get_num_threads() == 1 else "grouped"
+            one_thread = torch.get_num_threads() == 1
+            return "live" if self._kernel == "onednn" or one_thread else "grouped"
         return self.expert_layout
 
-    def _group_size(self, fill_E: list[int]) -> int:
-        """Experts per batched call at world size 1 (0: Tutel's E x C buffer).
+    def _splits_for(self):
+        """Rows per expert of a padded buffer at world size 1, as a function of the fills
+        (None: Tutel's C per expert).
 
         "grouped" picks, among the divisors g >= 2 of E, the g minimising padded rows plus
         a fixed cost per extra batched call (CALL_COST_FLOPS, in rows of this layer's GEMMs):
-        small groups pad less, large groups make fewer calls. Custom experts take E (they are
-        called on one [E, rows, M] view)."""
-        layout, E = self._layout(), len(fill_E)
+        small groups pad less, large groups make fewer calls. Custom experts take E x the
+        largest fill (they are called on one [E, rows, M] view)."""
+        layout = self._layout()
         if layout == "capacity":
-            return 0
+            return None
         if layout == "max_fill" or not hasattr(self.experts, "compute_rows"):
-            return E
+            return lambda fills: grouped_splits(fills, len(fills))
         if layout == "live":
-            return 1
+            return None  # a compact buffer: no padding at all
         gemms = 3 if hasattr(self.experts, "W_fc1") else 2
         call_rows = CALL_COST_FLOPS * gemms / (self._flops_per_row() or 1)
-        candidates = [g for g in range(2, E + 1) if E % g == 0] or [E]
-        return min(candidates, key=lambda g: (sum(grouped_splits(fill_E, g)) + call_rows * E / g, -g))
+
+        def grouped(fills: list[int]) -> list[int]:
+            E = len(fills)
+            candidates = [g for g in range(2, E + 1) if E % g == 0] or [E]
+            g = min(candidates, key=lambda g: (sum(grouped_splits(fills, g)) + call_rows * E / g, -g))
+            return grouped_splits(fills, g)
+
+        return grouped
 
     def _needs_padded(self) -> bool:
         """The all-to-all and custom experts need a padded buffer; local built-in experts may take live rows."""
@@ -335,7 +348,7 @@ class MoELayer(nn.Module):
     def _run_local_experts(self, dispatched_RM: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
         self._rows_computed = dispatched_RM.shape[0]
         if hasattr(self.experts, "compute_rows"):
-            return self.experts.compute_rows(dispatched_RM, plan.row_splits)
+            return self.experts.compute_rows(dispatched_RM, plan.row_splits, kernel=self._kernel)
         x_ECM = dispatched_RM.view(self.num_local_experts, -1, self.model_dim)
         y_ECO = self.experts(x_ECM, ctx=self)
         return y_ECO.reshape(dispatched_RM.shape[0], -1)

@@ -28,13 +28,13 @@ chunk's combine exchange is issued as soon as it is computed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
 from systems.tutel_native.comm import Exchange, a2a_start, a2a_wait, gather_shards, group_ranks
-from systems.tutel_native.experts import RowSpec, _ExpertRows, activation_kind
+from systems.tutel_native.experts import RowSpec, activation_kind, expert_rows, resolve_kernel
 
 
 def divisors(value: int) -> list[int]:
@@ -143,6 +143,7 @@ class ExpertWeights:
     b1: torch.Tensor | None = None
     b2: torch.Tensor | None = None
     b2_scale: float = 1.0
+    kernel: str = "auto"  # expert_ops.KERNELS
 
     def __call__(self, x_nNM: torch.Tensor) -> torch.Tensor:
         """[n, N, M] -> [n, N, Mo] with the experts' row-loop kernel (experts.py)."""
@@ -153,10 +154,11 @@ class ExpertWeights:
             return None if t is None else t.to(dt)
 
         gated = self.kind == "llama_ffn"
-        spec = RowSpec((N,) * n, activation_kind(self.activation), self.activation, gated, in_transposed=not gated)
+        spec = RowSpec((N,) * n, activation_kind(self.activation), self.activation, gated, in_transposed=not gated,
+                       kernel=resolve_kernel(self.kernel, x_nNM))
         b2 = None if self.b2 is None else self.b2 * self.b2_scale
         w_gate, w_out = (self.w2, self.w3) if gated else (None, self.w2)
-        y_RO = _ExpertRows.apply(
+        y_RO = expert_rows(
             x_nNM.reshape(n * N, M), spec, cast(self.w1), cast(w_gate), cast(w_out), cast(self.b1), cast(b2)
         )
         return y_RO.view(n, N, -1)
@@ -365,9 +367,10 @@ def layer_expert_fn(layer, plan: ShardPlan, r: int):
         experts, "present_weight_names"
     ) else None
     if params is not None and "batched_fc1_w" in params:
-        return ffn_weights(params, experts.act, plan, r, experts.output_dim)
+        return replace(ffn_weights(params, experts.act, plan, r, experts.output_dim), kernel=layer.expert_kernel)
     if params is not None and "W_fc1" in params:
-        return llama_weights(params, experts.act, plan, r, experts.model_dim, experts.hidden)
+        weights = llama_weights(params, experts.act, plan, r, experts.model_dim, experts.hidden)
+        return replace(weights, kernel=layer.expert_kernel)
     if r == 0 and plan.world > 1:
         raise ValueError("adaptive_r=0 needs built-in experts (ffn or llama_ffn): custom experts cannot be gathered")
     return lambda x_nNM: experts(x_nNM, ctx=layer)

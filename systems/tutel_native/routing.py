@@ -129,14 +129,13 @@ def build_plan(
     priority_S: torch.Tensor | None = None,
     group_max=int,
     padded: bool = False,
-    group_size=0,
+    splits_for=None,
 ) -> RoutePlan:
     """All slot indices for one step. ``group_max`` turns a local int into the group's max.
 
-    A padded buffer has C rows per expert (``group_size`` 0, Tutel's layout), or, with
-    ``group_size`` g >= 1 (an int, or a callable fill list -> g), consecutive groups of g
-    experts padded only to the largest fill inside their group: each group's equal row
-    ranges run as one bmm per GEMM (g = E is one bmm over E x the largest fill)."""
+    A padded buffer has C rows per expert (``splits_for`` None, Tutel's layout) or
+    ``splits_for(fills)`` rows per expert (each at least its fill), e.g. groups of experts
+    padded to their largest fill (:func:`grouped_splits`). A compact buffer has exactly the fills."""
     S, K = idx_SK.shape
     order, token_seq, expert_sorted, counts_E, loc_sorted = sorted_choices(idx_SK, num_experts, priority_S)
     spe = math.ceil(num_tokens_for_capacity / num_experts)
@@ -157,10 +156,12 @@ def build_plan(
         expert_N, loc_N = expert_sorted[live], loc_sorted[live]
     fill_E = torch.clamp(counts_E, max=C)
     fills = fill_E.tolist()
-    g = group_size(fills) if callable(group_size) else group_size
-    splits = grouped_splits(fills, g) if padded and g else [C] * num_experts
     if not padded:
         splits = fills
+    else:
+        splits = [C] * num_experts if splits_for is None else list(splits_for(fills))
+        if any(n < f for n, f in zip(splits, fills, strict=True)):
+            raise ValueError(f"row splits {splits} are smaller than the fills {fills}")
     start_E = torch.tensor([0] + splits[:-1], device=idx_SK.device).cumsum(0)
     slot_N = start_E.index_select(0, expert_N) + loc_N
     row_SK = torch.zeros_like(idx_SK)

@@ -1,0 +1,125 @@
+"""tutel_native's two expert kernels: "mm" (row ranges of one buffer) and "onednn" (expert by expert).
+
+Both must give the same outputs and gradients (to fp32 rounding) on any row split, including
+experts that get no rows and padded [E, C] buffers; "auto" must pick onednn only where it exists.
+
+Legend: N rows, M model dim, H hidden, E experts.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from systems.tutel_native import moe_layer
+from systems.tutel_native.experts import resolve_kernel
+from systems.tutel_native.per_expert import kernel_available
+
+M, H, E = 32, 48, 4
+ONEDNN = kernel_available("cpu", torch.float32)
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason="this torch has no usable oneDNN fp32 matmul")
+
+EXPERTS = {
+    "ffn gelu + biases": {"type": "ffn", "has_fc1_bias": True, "has_fc2_bias": True},
+    "ffn relu, no biases, output dim 40": {"type": "ffn", "has_fc1_bias": False, "has_fc2_bias": False,
+                                          "activation_fn": F.relu, "output_dim": 40},
+    "ffn custom activation": {"type": "ffn", "activation_fn": lambda h: torch.tanh(h) * h},
+    "llama_ffn (SwiGLU)": {"type": "llama_ffn"},
+}
+
+
+def experts_for(spec: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    layer = moe_layer({"type": "top", "k": 2}, M, {**spec, "num_experts_per_device": E, "hidden_size_per_expert": H})
+    return layer.experts
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() / (b.double().abs().max().item() or 1.0)
+
+
+def run(experts, x_NM, dy_NO, splits, kernel):
+    experts.zero_grad(set_to_none=True)
+    x = x_NM.clone().requires_grad_()
+    y = experts.compute_rows(x, splits, kernel=kernel)
+    y.backward(dy_NO)
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in experts.named_parameters()}
+
+
+def test_kernel_available_only_for_cpu_fp32():
+    assert not kernel_available("cpu", torch.float64)
+    assert not kernel_available("cpu", torch.bfloat16)
+    assert not kernel_available("cuda", torch.float32)
+    assert kernel_available("cpu", torch.float32) == (torch.backends.mkldnn.is_available() and ONEDNN)
+
+
+def test_resolve_kernel():
+    x32, x64 = torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.float64)
+    assert resolve_kernel("auto", x64) == "mm"
+    assert resolve_kernel("auto", x32) == ("onednn" if ONEDNN else "mm")
+    assert resolve_kernel("mm", x32) == "mm"
+    with pytest.raises(ValueError, match="expert kernel 'onednn' needs a CPU fp32 input"):
+        resolve_kernel("onednn", x64)
+    with pytest.raises(ValueError, match="must be one of auto, mm, onednn"):
+        resolve_kernel("cublas", x32)
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", list(EXPERTS))
+@pytest.mark.parametrize("splits", [(7, 0, 12, 5), (0, 0, 3, 0), (6, 6, 6, 6)], ids=["ragged", "one", "padded"])
+def test_onednn_kernel_matches_mm_kernel(name, splits):
+    """Same outputs and gradients as the row-range kernel; both as close to an fp64 run as fp32 allows;
+    experts with no rows get exactly zero weight gradients."""
+    experts = experts_for(EXPERTS[name])
+    N, O = sum(splits), experts.output_dim if hasattr(experts, "output_dim") else M
+    gen = torch.Generator().manual_seed(1)
+    x_NM, dy_NO = torch.randn(N, M, generator=gen), torch.randn(N, O, generator=gen)
+    mm, onednn = run(experts, x_NM, dy_NO, splits, "mm"), run(experts, x_NM, dy_NO, splits, "onednn")
+    truth = run(experts.double(), x_NM.double(), dy_NO.double(), splits, "mm")
+    experts.float()
+    for what, a, b, t in [("y", mm[0], onednn[0], truth[0]), ("dx", mm[1], onednn[1], truth[1])] + [
+        (n, mm[2][n], onednn[2][n], truth[2][n]) for n in mm[2]
+    ]:
+        assert rel_err(b, a) < 2e-5, f"{what}: onednn vs mm {rel_err(b, a):.3g}"
+        assert rel_err(b, t) < 2e-5, f"{what}: onednn vs fp64 {rel_err(b, t):.3g}"
+    for e, n in enumerate(splits):
+        if n == 0:
+            for name_, grad in onednn[2].items():
+                assert grad.view(E, -1)[e].abs().max() == 0, f"{name_}: expert {e} has no rows"
+
+
+@needs_onednn
+def test_onednn_kernel_input_gradient_only():
+    """Frozen experts: only the input gradient is asked for (weights get none)."""
+    experts = experts_for(EXPERTS["llama_ffn (SwiGLU)"])
+    for p in experts.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(10, M, requires_grad=True)
+    experts.compute_rows(x, (4, 0, 6, 0), kernel="onednn").sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    experts.compute_rows(x_ref, (4, 0, 6, 0), kernel="mm").sum().backward()
+    assert rel_err(x.grad, x_ref.grad) < 2e-5
+    assert all(p.grad is None for p in experts.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_auto_layout_and_kernel_of_the_layer(dtype):
+    """fp32 on CPU: the onednn kernel on live rows only (no padding, whatever the thread count);
+    fp64: the mm kernel, grouped padding at more than one thread."""
+    torch.manual_seed(0)
+    layer = moe_layer({"type": "top", "k": 2, "capacity_factor": 1.25}, M,
+                      {"type": "llama_ffn", "num_experts_per_device": E, "hidden_size_per_expert": H}).to(dtype)
+    x = torch.randn(64, M, dtype=dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    stats = layer.last_stats
+    if dtype == torch.float32 and ONEDNN:
+        assert layer._kernel == "onednn"
+        assert stats.rows_computed == stats.live_rows
+    else:
+        assert layer._kernel == "mm"
+        assert stats.rows_computed >= stats.live_rows
