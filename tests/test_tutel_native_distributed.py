@@ -105,6 +105,12 @@ def compare_with_reference(rank, world, experts, k, settings, cf=0.0, tokens=32,
         torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=RTOL, msg=lambda m, w=where: f"{w} output: {m}")
         torch.testing.assert_close(dx, dx_ref, atol=ATOL, rtol=RTOL, msg=lambda m, w=where: f"{w} dx: {m}")
         assert set(grads) == set(g_ref)
+        # padding slots cost no GEMM rows: every live choice is computed once per wide shard (r of
+        # them when experts are sharded, else once), summed over the group
+        totals = torch.tensor([layer.last_stats.rows_computed, layer.last_stats.live_rows])
+        dist.all_reduce(totals)
+        copies = r if r >= 1 and layer.sharded_count > 1 else 1
+        assert totals[0] == copies * totals[1], f"{where}: experts ran on {totals.tolist()} (rows, live) rows"
         for name, g in grads.items():
             label = f"{where} {name}"
             torch.testing.assert_close(g, g_ref[name], atol=ATOL, rtol=RTOL, msg=lambda m, w=label: f"{w}: {m}")

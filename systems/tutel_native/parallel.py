@@ -146,22 +146,23 @@ class ExpertWeights:
     kernel: str = "auto"  # expert_ops.KERNELS
 
     def __call__(self, x_nNM: torch.Tensor) -> torch.Tensor:
-        """[n, N, M] -> [n, N, Mo] with the experts' row-loop kernel (experts.py)."""
+        """[n, N, M] -> [n, N, Mo] (every row computed)."""
         n, N, M = x_nNM.shape
-        dt = x_nNM.dtype
+        return self.compute_rows(x_nNM.reshape(n * N, M), (N,) * n).view(n, N, -1)
+
+    def compute_rows(self, x_RM: torch.Tensor, splits) -> torch.Tensor:
+        """Expert e on the next splits[e] rows of x: [R, M] -> [R, Mo] (experts.py's kernels)."""
+        dt = x_RM.dtype
 
         def cast(t):
             return None if t is None else t.to(dt)
 
         gated = self.kind == "llama_ffn"
-        spec = RowSpec((N,) * n, activation_kind(self.activation), self.activation, gated, in_transposed=not gated,
-                       kernel=resolve_kernel(self.kernel, x_nNM))
+        spec = RowSpec(tuple(splits), activation_kind(self.activation), self.activation, gated,
+                       in_transposed=not gated, kernel=resolve_kernel(self.kernel, x_RM))
         b2 = None if self.b2 is None else self.b2 * self.b2_scale
         w_gate, w_out = (self.w2, self.w3) if gated else (None, self.w2)
-        y_RO = expert_rows(
-            x_nNM.reshape(n * N, M), spec, cast(self.w1), cast(w_gate), cast(w_out), cast(self.b1), cast(b2)
-        )
-        return y_RO.view(n, N, -1)
+        return expert_rows(x_RM, spec, cast(self.w1), cast(w_gate), cast(w_out), cast(self.b1), cast(b2))
 
 
 def _gather_rows(shard: torch.Tensor, ranks: tuple[int, ...]) -> torch.Tensor:
@@ -262,6 +263,46 @@ def _from_returned(back: torch.Tensor, plan: ShardPlan, r: int, c: int) -> torch
     return back.reshape(E, r, g, c // g, Mo).sum(1).reshape(E, c, Mo)
 
 
+@dataclass
+class LiveRows:
+    """Which received rows hold tokens, so the experts skip the padding slots.
+
+    Slots fill from 0, so in every block of consecutive slots one source rank sends one
+    expert, the first ``fill - block start`` rows are live and the rest are zero padding
+    whose outputs are never combined. ``fill_WE[w, e]`` = min(count, C) of source rank w
+    for global expert e (all-gathered once per step: E integers per rank)."""
+
+    fill_WE: torch.Tensor  # [W, E] int64, on the CPU
+    rows_computed: int = 0  # rows the experts actually ran on this step
+
+    def run(self, expert_fn, x_nNM: torch.Tensor, experts: list[int], sources: list[int], start: int) -> torch.Tensor:
+        """expert_fn on the live rows of x [n, S * rows, M] (n experts, S source blocks each
+        starting at slot ``start``); padding rows of the result are zero."""
+        n, N, M = x_nNM.shape
+        rows = N // len(sources)
+        live_nS = (self.fill_WE[sources][:, experts].t() - start).clamp(0, rows)
+        splits_n = live_nS.sum(1)
+        live = int(splits_n.sum())
+        self.rows_computed += live
+        if live == n * N:
+            return expert_fn(x_nNM)
+        keep_R = (torch.arange(rows) < live_nS.unsqueeze(-1)).reshape(-1)
+        idx_L = keep_R.nonzero().squeeze(1).to(x_nNM.device)
+        y_LO = expert_fn.compute_rows(x_nNM.reshape(n * N, M).index_select(0, idx_L), splits_n.tolist())
+        return y_LO.new_zeros(n * N, y_LO.shape[1]).index_copy(0, idx_L, y_LO).view(n, N, -1)
+
+
+def _received_block(plan: ShardPlan, r: int, chunk_start: int, c: int) -> tuple[list[int], int]:
+    """(global experts, first slot) of the rows this rank receives for a capacity chunk
+    [chunk_start, chunk_start + c) (see _to_send: member m of a gather group gets row chunk m)."""
+    if plan.sharded_count == 1:
+        first = plan.expert_index
+        return list(range(first, first + plan.num_local_experts)), chunk_start
+    g = plan.sharded_count // r
+    m = plan.shard_index % g
+    return [plan.expert_index], chunk_start + m * (c // g)
+
+
 def check_capacity(capacity: int, plan: ShardPlan, r: int, overlap_degree: int) -> None:
     need = overlap_degree * (1 if r == 0 else plan.sharded_count // r)
     if capacity % need:
@@ -278,11 +319,13 @@ def run_experts(
     r: int,
     overlap_degree: int = 1,
     exchange: Exchange | None = None,
+    live: LiveRows | None = None,
 ) -> torch.Tensor:
     """Encoded tokens D[E, C, M] of this rank -> expert outputs Y[E, C, Mo] for them.
 
     expert_fn maps [n, N, M] -> [n, N, Mo] with the weights of degree r (see
-    ffn_weights / llama_weights); it sees all E experts when r = 0.
+    ffn_weights / llama_weights); it sees all E experts when r = 0. With ``live`` (built-in
+    experts only: expert_fn.compute_rows) the experts run on the live rows only.
     """
     E, C, M = D_ECM.shape
     if E != plan.num_global_experts:
@@ -292,14 +335,20 @@ def run_experts(
         raise ValueError(f"a2a_ffn_overlap_degree must be >= 1, got {overlap_degree}")
     check_capacity(C, plan, r, d)
     if r == 0 or plan.world == 1:
-        return expert_fn(D_ECM)
+        return expert_fn(D_ECM) if live is None else live.run(expert_fn, D_ECM, list(range(E)), [plan.rank], 0)
     exchange = exchange or Exchange.build()
     chunks = D_ECM.chunk(d, dim=1) if d > 1 else (D_ECM,)
     sent = [a2a_start(_to_send(chunk, plan, r), exchange) for chunk in chunks]
-    returning = []
-    for pending in sent:
+    returning, chunk_start = [], 0
+    for pending, chunk in zip(sent, chunks, strict=True):
         x_nNM = _from_received(a2a_wait(pending, exchange), plan)
-        returning.append(a2a_start(_to_return(expert_fn(x_nNM), plan), exchange))
+        if live is None:
+            y_nNO = expert_fn(x_nNM)
+        else:
+            experts, start = _received_block(plan, r, chunk_start, chunk.shape[1])
+            y_nNO = live.run(expert_fn, x_nNM, experts, list(range(plan.world)), start)
+        chunk_start += chunk.shape[1]
+        returning.append(a2a_start(_to_return(y_nNO, plan), exchange))
     outs = [
         _from_returned(a2a_wait(pending, exchange), plan, r, chunk.shape[1])
         for pending, chunk in zip(returning, chunks, strict=True)
@@ -385,12 +434,27 @@ def expert_step(layer, dispatched_RM: torch.Tensor, route) -> torch.Tensor:
     d = route.overlap_degree
     E, C = plan.num_global_experts, route.capacity
     D_ECM = dispatched_RM.view(E, C, -1)
-    layer.phase_clock.tick("a2a")
     expert_fn = layer_expert_fn(layer, plan, r)
-    Y_ECO = run_experts(D_ECM, expert_fn, plan, r, d, layer_exchange(layer))
+    live = None
+    if layer.expert_layout != "capacity" and hasattr(expert_fn, "compute_rows"):
+        live = LiveRows(gather_fills(route.fill_E, layer.group, D_ECM.device))
+    layer.phase_clock.tick("a2a")
+    Y_ECO = run_experts(D_ECM, expert_fn, plan, r, d, layer_exchange(layer), live)
     layer.phase_clock.tick("experts")  # with overlap, exchange and compute interleave: one figure
-    if r == 0 or plan.world == 1:
+    if live is not None:
+        layer._rows_computed = live.rows_computed
+    elif r == 0 or plan.world == 1:
         layer._rows_computed = E * C
     else:
         layer._rows_computed = plan.num_local_experts * plan.world * C // (plan.sharded_count // r)
     return Y_ECO.reshape(E * C, -1)
+
+
+def gather_fills(fill_E: list[int], group, device) -> torch.Tensor:
+    """[W, E] live slots of every rank of the group per global expert (one small all-gather)."""
+    mine_E = torch.tensor(fill_E, dtype=torch.int64, device=device)
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return mine_E.unsqueeze(0).cpu()
+    everyone = [torch.empty_like(mine_E) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine_E, group=group)
+    return torch.stack(everyone).cpu()
