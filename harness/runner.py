@@ -291,7 +291,14 @@ def run_trials(specs: list[TrialSpec], options: RunOptions) -> list[dict]:
     return [trial_record(spec, spec_rounds) for spec, spec_rounds in zip(specs, rounds, strict=True)]
 
 
-def method(warmup: int, steps: int, rounds: int, timer: str = "perf_counter") -> dict:
+MALLOC_NOTES = {
+    "reuse": "host allocator: glibc told to keep freed memory (no mmap for large blocks, trim above 2 GiB), so "
+             "steps do not page-fault (harness/host_memory.py)",
+    "system": "host allocator: glibc defaults",
+}
+
+
+def method(warmup: int, steps: int, rounds: int, timer: str = "perf_counter", malloc: str = "reuse") -> dict:
     from harness.timing import CALIBRATION_DESCRIPTION
 
     return {
@@ -299,8 +306,9 @@ def method(warmup: int, steps: int, rounds: int, timer: str = "perf_counter") ->
         "calibration": CALIBRATION_DESCRIPTION,
         "notes": ("each trial round in a fresh process; rounds interleave the systems; step time = slowest "
                   "rank's (barrier before each timed step); backward uses a fixed contiguous upstream "
-                  "gradient; forward mode = forward half of a training step (autograd on); samples pooled "
-                  "over successful rounds"),
+                  "gradient; forward mode = forward half of a training step (autograd on); model level "
+                  "optimizer = AdamW, fused kernel where the device has one; samples pooled over successful "
+                  f"rounds; {MALLOC_NOTES[malloc]}"),
     }
 
 

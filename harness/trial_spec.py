@@ -12,6 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from harness.host_memory import MALLOC_MODES
 from systems.base import LayerShape, MoEKnobs, ParallelSpec
 from workloads.spec import LEVELS, ModelShape, Workload
 
@@ -34,6 +35,7 @@ class TrialSpec:
     steps: int = 5
     timeout_s: float = 300.0
     check: bool = True
+    malloc: str = "reuse"  # host allocator policy, harness/host_memory.py MALLOC_MODES
     # Which runner launched this copy (multi-node: every node's runner writes
     # its own spec file). Local rank 0 of node 0's launch writes the result.
     launcher_node_rank: int = 0
@@ -51,6 +53,8 @@ class TrialSpec:
             raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout_s!r}")
+        if self.malloc not in MALLOC_MODES:
+            raise ValueError(f"malloc must be one of {', '.join(MALLOC_MODES)}, got {self.malloc!r}")
         if self.fault is not None and self.fault not in FAULTS:
             raise ValueError(f"fault must be one of {', '.join(FAULTS)} or None, got {self.fault!r}")
         self.workload.validate()

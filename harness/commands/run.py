@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from harness.errors import UsageError
+from harness.host_memory import MALLOC_MODES
 
 NAME = "run"
 HELP = "run the benchmark: systems x workloads in interleaved rounds, then write results/<run_id>.json"
@@ -62,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--steps", type=int, default=5, help="timed steps per round (default 5)")
     m.add_argument("--timeout", type=float, default=300.0, help="seconds per trial round (default 300)")
     m.add_argument("--no-check", action="store_true", help="skip the equivalence check against torch_reference")
+    m.add_argument("--malloc", choices=MALLOC_MODES, default="reuse",
+                   help="host allocator policy in trial processes: reuse (default: glibc keeps freed memory, "
+                        "no per-step page faults; harness/host_memory.py) or system (glibc defaults)")
     m.add_argument("--out", default="results", help="results directory (default results/)")
     p = parser.add_argument_group("parallel (torchrun's meaning)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this node (default 1)")
@@ -188,7 +192,7 @@ def build_specs(args: argparse.Namespace) -> tuple[list, dict]:
                          seed=args.seed, options=options)
         for name in names:
             spec = TrialSpec(name, workload, level, mode, routing, knobs, parallel, warmup=args.warmup,
-                             steps=args.steps, timeout_s=args.timeout, check=not args.no_check)
+                             steps=args.steps, timeout_s=args.timeout, check=not args.no_check, malloc=args.malloc)
             spec.validate()
             specs.append(spec)
     return specs, unavailable
@@ -209,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"moebench run: node {args.node_rank} done; node 0 writes the results", file=sys.stderr)
         return 0
     timer = next((t["timer"] for t in trials if t.get("timer")), "perf_counter")
-    method = runner.method(args.warmup, args.steps, args.repeats, timer)
+    method = runner.method(args.warmup, args.steps, args.repeats, timer, malloc=args.malloc)
     path = runner.write_results(trials, method, ["moebench", *sys.argv[1:]], Path(args.out))
     print(runner.format_table(trials))
     print(f"results: {path}")

@@ -151,12 +151,14 @@ class MoELayer(nn.Module):
         # fp32), "mm" (torch mm/bmm on row ranges of one buffer) or "auto" (onednn where available).
         self.expert_kernel = "auto"
         self._kernel = "mm"  # expert_kernel resolved for the current step's input
-        # World size 1 buffer layout: "live" rows only (no padding), "grouped" (consecutive groups of experts
-        # padded to their largest fill, one bmm per group and GEMM; the group size from a cost
-        # model, see _splits_for), "max_fill" (E x largest fill, one bmm per GEMM), "capacity"
-        # (E x C, Tutel's) or "auto": live with the onednn kernel or one intra-op thread, else
-        # grouped (a batched call splits experts across threads and synchronises once; measured
-        # in reports/tutel_native_efficiency.md).
+        # World size 1 buffer layout: "live" rows only (no padding), "grouped" (consecutive groups
+        # of experts padded to their largest fill, one bmm per group and GEMM; the group size from
+        # a cost model, see _splits_for), "max_fill" (E x largest fill, one bmm per GEMM),
+        # "capacity" (E x C, Tutel's) or "auto": live with the onednn kernel or one intra-op
+        # thread, else grouped (a batched call splits experts across threads and synchronises
+        # once; measured in reports/tutel_native_efficiency.md). Above one rank the all-to-all
+        # always carries Tutel's [E, C, M] buffers; the experts skip their padding rows unless
+        # the layout is "capacity" (parallel.LiveRows).
         self.expert_layout = "auto"
 
         gate_seed, expert_seed, after_seed = (list(seeds or ()) + [None] * 3)[:3]
