@@ -63,7 +63,7 @@ class RowSpec:
     act: object
     gated: bool  # SwiGLU: act(x W_in) * (x W_gate)
     in_transposed: bool  # W_in[e] stored [H, M] (ffn) instead of [M, H] (llama)
-    kernel: str = "mm"  # "mm": row ranges of one buffer (experts.py); "onednn": expert by expert (per_expert.py)
+    kernel: str = "auto"  # KERNELS; experts.expert_rows resolves "auto" for the input
 
     def ranges(self):
         start = 0

@@ -177,8 +177,9 @@ def resolve_kernel(kernel: str, x: torch.Tensor) -> str:
 
 
 def expert_rows(x_NM, spec: RowSpec, w_in, w_gate, w_out, b_in, b_out) -> torch.Tensor:
-    """The built-in experts on ``spec``'s row ranges, with its (resolved) kernel."""
-    function = per_expert.PerExpertRows if spec.kernel == "onednn" else _ExpertRows
+    """The built-in experts on ``spec``'s row ranges, with its kernel (resolved for ``x_NM`` here)."""
+    kernel = resolve_kernel(spec.kernel, x_NM)
+    function = per_expert.PerExpertRows if kernel == "onednn" else _ExpertRows
     return function.apply(x_NM, spec, w_in, w_gate, w_out, b_in, b_out)
 
 
@@ -226,8 +227,7 @@ class FFNExperts(_ExpertBase):
         dt = x_NM.dtype
         w1, w2 = named["batched_fc1_w"].to(dt), named["batched_fc2_w"].to(dt)
         b1, b2 = named.get("batched_fc1_bias"), named.get("batched_fc2_bias")
-        spec = RowSpec(tuple(splits), self.act_kind, self.act, gated=False, in_transposed=True,
-                       kernel=resolve_kernel(kernel, x_NM))
+        spec = RowSpec(tuple(splits), self.act_kind, self.act, gated=False, in_transposed=True, kernel=kernel)
         return expert_rows(
             x_NM, spec, w1, None, w2, None if b1 is None else b1.to(dt), None if b2 is None else b2.to(dt)
         )
@@ -258,8 +258,7 @@ class LlamaFFNExperts(_ExpertBase):
         """``weights``: full (unsharded or all-gathered) flat tensors in W_fc1, W_fc2, W_fc3 order."""
         weights = self.local_weights() if weights is None else weights
         w1, w2, w3 = self.full_views(tuple(w.to(x_NM.dtype) for w in weights))
-        spec = RowSpec(tuple(splits), self.act_kind, self.act, gated=True, in_transposed=False,
-                       kernel=resolve_kernel(kernel, x_NM))
+        spec = RowSpec(tuple(splits), self.act_kind, self.act, gated=True, in_transposed=False, kernel=kernel)
         return expert_rows(x_NM, spec, w1, w2, w3, None, None)
 
 

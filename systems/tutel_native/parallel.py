@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from systems.tutel_native.comm import Exchange, a2a_start, a2a_wait, gather_shards, group_ranks
-from systems.tutel_native.experts import RowSpec, activation_kind, expert_rows, resolve_kernel
+from systems.tutel_native.experts import RowSpec, activation_kind, expert_rows
 
 
 def divisors(value: int) -> list[int]:
@@ -159,7 +159,7 @@ class ExpertWeights:
 
         gated = self.kind == "llama_ffn"
         spec = RowSpec(tuple(splits), activation_kind(self.activation), self.activation, gated,
-                       in_transposed=not gated, kernel=resolve_kernel(self.kernel, x_RM))
+                       in_transposed=not gated, kernel=self.kernel)
         b2 = None if self.b2 is None else self.b2 * self.b2_scale
         w_gate, w_out = (self.w2, self.w3) if gated else (None, self.w2)
         return expert_rows(x_RM, spec, cast(self.w1), cast(w_gate), cast(w_out), cast(self.b1), cast(b2))
