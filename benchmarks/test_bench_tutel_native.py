@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks.bench_tutel_native import SHAPE, layer_step, useful_ffn, useful_gemms
-from systems.base import CanonicalWeights, MoEKnobs, ParallelSpec
+from core.values import CanonicalWeights, MoEKnobs, ParallelSpec
 from systems.torch_reference import ReferenceMoELayer
 from systems.tutel_native.adapter import TutelNative
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 
-from systems.base import LayerShape
+from core.values import LayerShape
 
 MODEL_DIM, FFN_DIM, NUM_EXPERTS, NUM_TOKENS = 32, 48, 4, 64
 WORKER_TIMEOUT_S = 600
@@ -67,9 +67,9 @@ def run_cases(system_name: str, cases: list[CheckCase], options: dict | None = N
     """Run `cases` for one system in this process (call it in a fresh process)."""
     import torch
 
+    from core.values import CanonicalWeights, MoEKnobs, ParallelSpec
     from harness.equivalence import check_against_reference
     from systems import get_system
-    from systems.base import CanonicalWeights, MoEKnobs, ParallelSpec
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     system = get_system(system_name)

@@ -21,38 +21,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from systems.base import CanonicalWeights, LayerShape, MoEKnobs, MoELayerAdapter, ParallelSpec
-
-# Relative tolerances on max|a-b| / max|b|.
-TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 3e-2}
-
-DROP_ORDERS = ("position", "prob", "gate", "given")
-
-
-@dataclass(frozen=True)
-class ReferencePolicy:
-    """How the reference must route to compute what a peer computes.
-
-    capacity: slots per expert the peer used (None: the reference's own rule,
-      or dropless when the knobs say so).
-    drop_order: which choices an expert keeps when over capacity:
-      "position" Tutel's slot order; "prob" the C highest softmax
-      probabilities; "gate" the C highest (normalised) gate values.
-    renormalize_after_drop: gate values divided by the sum over *kept* choices.
-      "given" the peer's own kept set `keep_TK` (when its rule is
-      implementation-defined, e.g. DeepSpeed's top-1 picks among equal
-      candidates by torch.topk's unspecified tie order); the check then only
-      verifies that each expert kept min(load, capacity) choices.
-    min_tolerance: a floor on the tolerance (a peer that routes in lower
-      precision than the data).
-    """
-
-    capacity: int | None = None
-    drop_order: str = "position"
-    keep_TK: torch.Tensor | None = None
-    renormalize_after_drop: bool = False
-    min_tolerance: float = 0.0
-    note: str = ""
+from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
+from systems.base import DROP_ORDERS, TOLERANCE, MoELayerAdapter, ReferencePolicy
 
 
 @dataclass

@@ -19,7 +19,7 @@ counted; neither is the gate GEMM (2*T*M*E, under 1% for these shapes).
 """
 from __future__ import annotations
 
-from systems.base import LayerShape
+from core.values import LayerShape
 
 MODES = ("forward", "forward_backward", "train")
 BACKWARD_FACTOR = 2  # backward = 2x forward (input and weight gradients)

@@ -141,7 +141,7 @@ class Bench:
 
 def _backward(out, dy_TM: torch.Tensor) -> None:
     """y with the fixed upstream gradient, plus the aux loss when the adapter returns one with a graph."""
-    from workloads.model import AUX_LOSS_COEF
+    from harness.model import AUX_LOSS_COEF
 
     tensors, grads = [out.y_TM], [dy_TM]
     if out.l_aux is not None and out.l_aux.requires_grad:
@@ -205,11 +205,11 @@ def make_optimizer(params) -> torch.optim.Optimizer:
 
 def build_model_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict | None]:
     """The iteration papers report: forward, backward, data-parallel gradient sync, optimizer step."""
+    from core.values import CanonicalWeights
     from harness import flops
     from harness.distributed import sync_gradients
     from harness.equivalence import check_against_reference
-    from systems.base import CanonicalWeights
-    from workloads.model import build_model, make_batch, moe_block_indices
+    from harness.model import build_model, make_batch, moe_block_indices
     from workloads.routing import make_layer_inputs
 
     workload, knobs, parallel = spec.workload, spec.knobs, spec.parallel

@@ -12,8 +12,8 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from core.values import LayerShape, MoEKnobs, ParallelSpec
 from harness.host_memory import MALLOC_MODES
-from systems.base import LayerShape, MoEKnobs, ParallelSpec
 from workloads.spec import LEVELS, ModelShape, Workload
 
 MODES = ("forward", "forward_backward", "train")

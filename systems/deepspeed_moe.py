@@ -30,17 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from systems.base import (
-    Availability,
-    CanonicalWeights,
-    LayerShape,
-    MoEKnobs,
-    MoELayerAdapter,
-    MoEOutput,
-    MoESystem,
-    ParallelSpec,
-    RoutingStats,
-)
+from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
+from systems.base import Availability, MoELayerAdapter, MoEOutput, MoESystem, RoutingStats
 from systems.peer_common import CanonicalFFN, check_world, ensure_single_process_env
 
 
@@ -126,7 +117,7 @@ class DeepSpeedMoELayer(MoELayerAdapter):
 
     def reference_policy(self):
         """How to run torch_reference so that it computes what DeepSpeed computes (harness/equivalence.py)."""
-        from harness.equivalence import TOLERANCE, ReferencePolicy
+        from systems.base import TOLERANCE, ReferencePolicy
 
         stats = self.routing_stats()
         k = self.shape.top_k

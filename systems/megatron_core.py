@@ -41,17 +41,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from systems.base import (
-    Availability,
-    CanonicalWeights,
-    LayerShape,
-    MoEKnobs,
-    MoELayerAdapter,
-    MoEOutput,
-    MoESystem,
-    ParallelSpec,
-    RoutingStats,
-)
+from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
+from systems.base import Availability, MoELayerAdapter, MoEOutput, MoESystem, RoutingStats
 from systems.peer_common import check_world, ensure_single_process_env
 
 DISPATCHERS = ("alltoall", "allgather")
@@ -203,7 +194,7 @@ class MegatronMoELayer(MoELayerAdapter):
 
     def reference_policy(self):
         """How to run torch_reference so that it computes what Megatron computes (harness/equivalence.py)."""
-        from harness.equivalence import TOLERANCE, ReferencePolicy
+        from systems.base import TOLERANCE, ReferencePolicy
 
         floor = TOLERANCE["float32"] if self.knobs.dtype == "float64" else 0.0
         fp32_note = "gate softmax in fp32 (fp32 tolerance)" if floor else ""

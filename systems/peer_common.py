@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from systems.base import CanonicalWeights, LayerShape
+from core.values import CanonicalWeights, LayerShape
 
 
 class CanonicalFFN(nn.Module):

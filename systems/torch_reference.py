@@ -25,16 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from systems.base import (
-    CanonicalWeights,
-    LayerShape,
-    MoEKnobs,
-    MoELayerAdapter,
-    MoEOutput,
-    MoESystem,
-    ParallelSpec,
-    RoutingStats,
-)
+from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
+from systems.base import MoELayerAdapter, MoEOutput, MoESystem, RoutingStats
 
 
 def tutel_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -162,7 +154,7 @@ class ReferenceMoELayer(MoELayerAdapter):
 
     def _expert_parallel(self, x_TM, idx_TK, gates_TK, keep_TK):
         """Send each kept choice to its expert's rank, compute there, send back."""
-        from harness.distributed import all_to_all_uneven
+        from systems.distributed import all_to_all_uneven
 
         token_N, choice_N = torch.nonzero(keep_TK, as_tuple=True)
         expert_N = idx_TK[token_N, choice_N]
@@ -191,7 +183,7 @@ def _expert_group(parallel: ParallelSpec):
     """(group, rank within it) of the expert-parallel group this rank belongs to."""
     if parallel.ep == 1:
         return None, 0
-    from harness.distributed import expert_parallel_group
+    from systems.distributed import expert_parallel_group
 
     return expert_parallel_group(parallel.ep)
 

@@ -16,17 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from systems.base import (
-    Availability,
-    CanonicalWeights,
-    LayerShape,
-    MoEKnobs,
-    MoELayerAdapter,
-    MoEOutput,
-    MoESystem,
-    ParallelSpec,
-    RoutingStats,
-)
+from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
+from systems.base import Availability, MoELayerAdapter, MoEOutput, MoESystem, RoutingStats
 
 NOT_INSTALLED = "the tutel package is not installed (pip install from its repository; it is not on PyPI)"
 
@@ -41,7 +32,7 @@ class TutelLayer(MoELayerAdapter):
         group = None
         self.ep_rank = 0
         if parallel.ep > 1:
-            from harness.distributed import expert_parallel_group
+            from systems.distributed import expert_parallel_group
 
             group, self.ep_rank = expert_parallel_group(parallel.ep)
         swiglu = shape.activation == "swiglu"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from core.values import MoEKnobs, ParallelSpec
 from harness import runner, schema
 from harness.launch import free_port
 from harness.trial_spec import TrialSpec
-from systems.base import MoEKnobs, ParallelSpec
 from workloads.flavors import get_workload
 
 REPO = Path(__file__).resolve().parents[1]

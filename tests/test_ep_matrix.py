@@ -10,10 +10,10 @@ from dataclasses import replace
 
 import pytest
 
+from core.values import MoEKnobs, ParallelSpec
 from harness import runner
 from harness.trial_spec import TrialSpec
 from systems import availability, system_names
-from systems.base import MoEKnobs, ParallelSpec
 from workloads.flavors import get_workload
 
 AVAILABLE = [name for name in system_names() if availability(name).ok]

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
+from core.values import LayerShape
 from harness.flops import attention_flops, layer_flops, model_flops, num_moe_layers
-from systems.base import LayerShape
 from workloads.flavors import get_workload
 from workloads.spec import ModelShape, Workload
 

@@ -11,9 +11,9 @@ import os
 import pytest
 import torch
 
+from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
 from harness.check import CheckCase, run_system_in_subprocess
 from harness.equivalence import ReferencePolicy, check_against_reference, keep_by_score, policy_reference
-from systems.base import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
 from systems.deepspeed_moe import DeepSpeedMoE, deepspeed_capacity
 from systems.megatron_core import MegatronCore, megatron_capacity
 from systems.tutel import NOT_INSTALLED, Tutel

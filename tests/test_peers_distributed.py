@@ -25,7 +25,7 @@ import torch
 torch.set_num_threads(1)
 from harness.equivalence import check_against_reference
 from systems import get_system
-from systems.base import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
+from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
 
 job = json.loads(sys.argv[1])
 world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])

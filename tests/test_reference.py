@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from systems.base import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
+from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
 from systems.torch_reference import ReferenceMoELayer, slot_locations
 from tests.dense_moe import capacity_rule, dense_moe
 from workloads.routing import make_layer_inputs

@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from systems.base import LayerShape, MoEKnobs, ParallelSpec
+from core.values import LayerShape, MoEKnobs, ParallelSpec
+from harness.model import build_model, make_batch
 from systems.torch_reference import ReferenceMoELayer, TorchReference
 from workloads.flavors import get_workload
-from workloads.model import build_model, make_batch
 from workloads.routing import make_layer_inputs
 
 SHAPE = LayerShape(model_dim=8, ffn_dim=6, num_experts=4, top_k=2, activation="swiglu")

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
+from core.values import MoEKnobs, ParallelSpec
 from harness import timing, trial
 from harness.trial_spec import TrialSpec
-from systems.base import MoEKnobs, ParallelSpec
 from workloads.flavors import get_workload
 
 REPO = trial.Path(__file__).resolve().parents[1]

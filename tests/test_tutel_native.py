@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
 from harness.equivalence import check_against_reference
 from systems import get_system
-from systems.base import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
 from systems.torch_reference import ReferenceMoELayer, gshard_aux_loss
 from systems.tutel_native import moe_layer
 from systems.tutel_native.routing import capacity_for

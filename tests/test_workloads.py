@@ -12,20 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from systems.base import (
-    CanonicalWeights,
-    LayerShape,
-    MoEKnobs,
-    MoELayerAdapter,
-    MoEOutput,
-    MoESystem,
-    ParallelSpec,
-    RoutingStats,
-)
+from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
+from harness.model import AUX_LOSS_COEF, build_model, make_batch, moe_block_indices
+from systems.base import MoELayerAdapter, MoEOutput, MoESystem, RoutingStats
 from systems.torch_reference import ReferenceMoELayer, TorchReference
 from tests.dense_moe import dense_moe
 from workloads.flavors import get_workload, workload_names
-from workloads.model import AUX_LOSS_COEF, build_model, make_batch, moe_block_indices
 from workloads.resolve import resolve_workload
 from workloads.routing import ROUTINGS, make_layer_inputs, sample_targets, zipf_probabilities
 

@@ -18,7 +18,7 @@ three follow FSMoE's code defaults (4 x 1024 tokens per GPU per step).
 """
 from __future__ import annotations
 
-from systems.base import LayerShape
+from core.values import LayerShape
 from workloads.spec import ModelShape, Workload
 
 FSMOE_BATCH, FSMOE_SEQ, FSMOE_CF = 4, 1024, 1.2  # [fsmoe-code]

@@ -35,7 +35,7 @@ import tomllib
 from dataclasses import replace
 from pathlib import Path
 
-from systems.base import LayerShape
+from core.values import LayerShape
 from workloads.flavors import get_workload
 from workloads.spec import ModelShape, Workload
 

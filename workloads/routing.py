@@ -36,7 +36,7 @@ import hashlib
 
 import torch
 
-from systems.base import CanonicalWeights, LayerShape
+from core.values import CanonicalWeights, LayerShape
 
 ROUTINGS = ("learned", "balanced", "zipf")
 ZIPF_S = 1.2

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from systems.base import LayerShape
+from core.values import LayerShape
 
 LEVELS = ("layer", "model")
 FLAVORS = ("full", "proxy", "debug")

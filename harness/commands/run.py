@@ -154,9 +154,9 @@ def select_systems(requested: str | None) -> tuple[list[str], dict[str, str]]:
 
 def build_specs(args: argparse.Namespace) -> tuple[list, dict]:
     """Every trial of this run, validated; plus the reasons of systems that cannot run here."""
+    from core.values import DTYPES, MoEKnobs, ParallelSpec
     from harness.launch import LaunchConfig
     from harness.trial_spec import MODES, TrialSpec
-    from systems.base import DTYPES, MoEKnobs, ParallelSpec
     from workloads.routing import ROUTINGS
     from workloads.spec import LEVELS
 

@@ -12,17 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from systems.base import (
-    Availability,
-    CanonicalWeights,
-    LayerShape,
-    MoEKnobs,
-    MoELayerAdapter,
-    MoEOutput,
-    MoESystem,
-    ParallelSpec,
-    RoutingStats,
-)
+from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
+from systems.base import Availability, MoELayerAdapter, MoEOutput, MoESystem, RoutingStats
 from systems.tutel_native.checkpoint import experts_from_canonical, shard_expert_tensor
 from systems.tutel_native.layer import MoELayer
 
@@ -46,7 +37,7 @@ class TutelNativeLayer(MoELayerAdapter):
         opts = knobs.options
         group, self.ep_rank = None, 0
         if parallel.ep > 1:
-            from harness.distributed import expert_parallel_group
+            from systems.distributed import expert_parallel_group
 
             group, self.ep_rank = expert_parallel_group(parallel.ep)
         # ep > E: |n| = ep / E ranks share (shard) each expert, Tutel's negative num_experts_per_device.

@@ -381,7 +381,7 @@ def allreduce_gate_gradients(module: torch.nn.Module, group=None, average: bool 
     grads = [p.grad for p in module.parameters() if p.grad is not None and not is_expert_param(p)]
     if world == 1 or not grads:
         return len(grads)
-    from harness.distributed import all_reduce_flat_
+    from systems.distributed import all_reduce_flat_
 
     all_reduce_flat_(grads, group, divide_by=world if average else 1)
     return len(grads)

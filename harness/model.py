@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from systems.base import CanonicalWeights, MoEKnobs, MoELayerAdapter, MoESystem, ParallelSpec
+from core.values import CanonicalWeights, MoEKnobs, ParallelSpec
+from systems.base import MoELayerAdapter, MoESystem
 from workloads.routing import seeded_generator
 from workloads.spec import Workload
 

@@ -1,0 +1,1 @@
+"""Shared value types (core.values); imports nothing else of moebench."""
