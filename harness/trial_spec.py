@@ -35,6 +35,9 @@ class TrialSpec:
     steps: int = 5
     timeout_s: float = 300.0
     check: bool = True
+    # Rounds after the first: the checksums round 0 verified against the reference
+    # (harness/equivalence.py); this round recomputes them and must agree.
+    verify: dict | None = None
     malloc: str = "reuse"  # host allocator policy, harness/host_memory.py MALLOC_MODES
     # Which runner launched this copy (multi-node: every node's runner writes
     # its own spec file). Local rank 0 of node 0's launch writes the result.
