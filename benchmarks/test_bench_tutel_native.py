@@ -6,11 +6,22 @@ the useful-GEMM floor next to the layer. Ratios, not absolute times, are the res
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from benchmarks.bench_tutel_native import SHAPE, layer_step, useful_ffn, useful_gemms
+from benchmarks.bench_tutel_native import (
+    GEMM_PATHS,
+    SHAPE,
+    fastest_paths,
+    floor_paths,
+    layer_step,
+    useful_ffn,
+    useful_gemms,
+)
 from core.values import CanonicalWeights, MoEKnobs, ParallelSpec
+from harness.host_memory import keep_freed_memory
 from systems.torch_reference import ReferenceMoELayer
 from systems.tutel_native.adapter import TutelNative
 
@@ -20,6 +31,7 @@ TOKENS = 1024
 
 @pytest.fixture(scope="module")
 def setup():
+    keep_freed_memory()  # the host-memory policy every trial applies (harness/host_memory.py)
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(0)
     knobs = MoEKnobs(capacity_factor=1.25)
@@ -30,8 +42,9 @@ def setup():
     tutel.load_canonical(weights)
     reference = ReferenceMoELayer(SHAPE, knobs, ParallelSpec())
     reference.load_canonical(weights)
+    choice, _ = fastest_paths(floor_paths(TOKENS, SHAPE, torch.float32, gen), rounds=3)
     return {
-        "gemm": useful_gemms(TOKENS, SHAPE, torch.float32, gen),
+        "gemm": useful_gemms(TOKENS, SHAPE, torch.float32, gen, choice),  # the fastest path per GEMM
         "ffn": useful_ffn(TOKENS, SHAPE, torch.float32, gen),
         "tutel": layer_step(tutel, x, dy),
         "dropless": layer_step(tutel, x, dy, capacity_factor=0.0),
@@ -42,3 +55,18 @@ def setup():
 @pytest.mark.parametrize("case", ["gemm", "ffn", "tutel", "dropless", "reference"])
 def test_fwd_bwd(benchmark, setup, case):
     benchmark.pedantic(setup[case], rounds=5, warmup_rounds=1)
+
+
+def test_floor_paths_compute_the_same_gemms():
+    """Every path kept for the floor gives bmm's result (floor_paths checks it), MKL's two always
+    run, and oneDNN joins wherever tutel_native's own oneDNN kernel is available."""
+    from systems.tutel_native.per_expert import kernel_available
+
+    small = dataclasses.replace(SHAPE, model_dim=32, ffn_dim=48)
+    gemms = floor_paths(64, small, torch.float32, torch.Generator().manual_seed(0))
+    assert len(gemms) == 9
+    for paths in gemms.values():
+        assert {"bmm", "mm"} <= set(paths) <= set(GEMM_PATHS)
+        assert ("onednn" in paths) == kernel_available("cpu", torch.float32)
+    choice, medians = fastest_paths(gemms, rounds=1)
+    assert all(choice[name] == min(medians[name], key=medians[name].get) for name in gemms)

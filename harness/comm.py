@@ -13,7 +13,7 @@ call, and report latency plus bandwidth in nccl-tests' conventions:
 
 A least-squares fit ``t(n) = alpha + n * beta`` per collective gives the
 latency and inverse bandwidth used by the performance model (the alpha-beta
-model of FSMoE, ``shared/docs/workloads-and-papers.md``).
+model of FSMoE, ``docs/workloads-and-papers.md``).
 """
 from __future__ import annotations
 
@@ -130,10 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run_sweep(config["ops"], config["sizes"], config["iters"], config["warmup"], device)
         if dist.get_rank() == 0:
-            tmp = f"{out_path}.tmp"
-            with open(tmp, "w") as f:
-                json.dump({"backend": dist.get_backend(), "results": results}, f)
-            os.replace(tmp, out_path)
+            from harness.files import write_json_atomic
+
+            write_json_atomic({"backend": dist.get_backend(), "results": results}, out_path, indent=None)
     finally:
         dist.destroy_process_group()
     return 0

@@ -1,6 +1,6 @@
 """Analytical FLOP counts per step, so times can be read as achieved TFLOP/s.
 
-Source: shared/docs/workloads-and-papers.md, "Analytical model": expert FLOPs
+Source: docs/workloads-and-papers.md, "Analytical model": expert FLOPs
 forward ``2*g*M*F*T*k*f`` (g GEMMs per expert: 2 GELU/ReLU, 3 SwiGLU; F is the
 expert hidden size, written H here), backward twice the forward.
 

@@ -11,10 +11,11 @@ free port is picked per round by binding port 0 on 127.0.0.1.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from systems.distributed import free_port  # the one free-port helper (systems cannot import harness)
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 
@@ -25,13 +26,6 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"rendezvous endpoint must be HOST:PORT with a port in 1..65535, got {text!r}")
     return host, int(port)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (the OS picks it for a bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def available_cores() -> int:

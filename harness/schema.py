@@ -15,9 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
 import secrets
-import tempfile
 from pathlib import Path
 
 from harness.errors import UsageError
@@ -217,26 +215,6 @@ def new_run_id(now: dt.datetime | None = None) -> str:
     return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
 
 
-def _format_cf(capacity_factor) -> str:
-    return "dropless" if capacity_factor is None else f"cf{capacity_factor:g}"
-
-
-def trial_id(trial: dict) -> str:
-    """"system/workload/flavor/level/mode/routing/dtype/cf/wsN-epE[/options]", e.g.
-    torch_reference/mixtral-8x7b/proxy/layer/forward/learned/float32/cf1.25/ws2-ep2, and
-    tutel_native/.../ws4-ep4/adaptive_r=0,overlap_degree=2 when system options are set."""
-    knobs = trial.get("knobs") or {}
-    capacity_factor = knobs.get("capacity_factor", trial.get("capacity_factor"))
-    parallel = trial["parallel"]
-    parts = [trial["system"], trial["workload"], trial["flavor"], trial["level"], trial["mode"], trial["routing"],
-             trial.get("dtype") or knobs.get("dtype", "float32"), _format_cf(capacity_factor),
-             f"ws{parallel['world_size']}-ep{parallel['ep']}"]
-    options = knobs.get("options") or {}
-    if options:
-        parts.append(",".join(f"{key}={options[key]}" for key in sorted(options)))
-    return "/".join(str(p) for p in parts)
-
-
 def new_document(command_line, method: dict, trials: list[dict]) -> dict:
     """A results document for this process: run_id, UTC time, git state and environment filled in."""
     from harness.environment import collect_environment, git_info
@@ -258,41 +236,11 @@ def new_document(command_line, method: dict, trials: list[dict]) -> dict:
 # ---------------------------------------------------------------- files
 
 def write_atomic(doc: dict, path) -> Path:
-    """Validate, then write via a temp file in the same directory, fsync and os.replace.
+    """Validate, then write atomically (harness/files.py): an invalid document never reaches disk."""
+    from harness.files import write_json_atomic
 
-    A crash at any point leaves either the old file or the complete new one,
-    never a half-written file; a failure removes the temp file.
-    """
     validate(doc)
-    text = json.dumps(doc, indent=1, sort_keys=False) + "\n"  # serialise first: a bad value fails before any file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); harmless where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return write_json_atomic(doc, path, indent=1)
 
 
 def load(path) -> dict:

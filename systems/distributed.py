@@ -7,12 +7,24 @@ gloo on CPU, NCCL on GPU.
 from __future__ import annotations
 
 import os
+import socket
 from functools import cache
 
 import torch
 import torch.distributed as dist
 
 from core.values import ParallelSpec
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the OS picks it for a bind to port 0).
+
+    The one helper for a rendezvous port: the launcher's torchrun endpoint, a
+    lone peer process's MASTER_PORT, and the tests' spawned worlds.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def backend_for(device: str) -> str:

@@ -2,7 +2,7 @@
 
 Applied by systems/megatron_core.py ONLY when ``torch.cuda.is_available()`` is
 False; on a GPU the adapter runs Megatron unpatched. Each patch names the
-failure it addresses (shared/docs/peers-on-cpu.md lists them). The numerics
+failure it addresses (docs/peers-on-cpu.md lists them). The numerics
 are Megatron's own: no patch touches routing, permutation or the experts.
 
 Not patched but handled in the adapter's config: ``use_cpu_initialization=True``

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from core.values import MoEKnobs, ParallelSpec
-from harness import runner, schema
+from harness import procs, runner, schema
 from harness.launch import free_port
 from harness.trial_spec import TrialSpec
 from workloads.flavors import get_workload
@@ -60,12 +60,17 @@ def test_two_node_loopback_run_has_world_size_4_and_one_results_file(tmp_path):
     common = ["-m", "harness", "run", "--flavor", "debug", "--systems", "torch_reference", "--repeats", "1",
               "--steps", str(STEPS), "--warmup", "1", "--nproc-per-node", "2", "--ep", "2", "--nnodes", "2",
               "--rdzv-endpoint", f"127.0.0.1:{port}", "--threads-per-rank", "1", "--timeout", "150"]
-    node1 = subprocess.Popen([sys.executable, *common, "--node-rank", "1", "--out", str(out1)], cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    node0 = subprocess.Popen([sys.executable, *common, "--node-rank", "0", "--out", str(out0)], cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out_text0, err0 = node0.communicate(timeout=240)
-    out_text1, err1 = node1.communicate(timeout=240)
+    node1 = procs.start([sys.executable, *common, "--node-rank", "1", "--out", str(out1)], cwd=REPO,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    node0 = procs.start([sys.executable, *common, "--node-rank", "0", "--out", str(out0)], cwd=REPO,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        done0, done1 = procs.wait(node0, 240), procs.wait(node1, 240)
+    finally:
+        for node in (node0, node1):
+            if node.poll() is None:
+                procs.kill_tree(node)
+    (out_text0, err0), (out_text1, err1) = (done0.stdout, done0.stderr), (done1.stdout, done1.stderr)
     assert node0.returncode == 0, err0[-2000:]
     assert node1.returncode == 0, err1[-2000:]
 

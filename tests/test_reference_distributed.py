@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ import torch.multiprocessing as mp
 
 from core.values import LayerShape, MoEKnobs, ParallelSpec
 from harness.model import build_model, make_batch
+from systems.distributed import free_port
 from systems.torch_reference import ReferenceMoELayer, TorchReference
 from workloads.flavors import get_workload
 from workloads.routing import make_layer_inputs
@@ -28,12 +28,6 @@ from workloads.routing import make_layer_inputs
 SHAPE = LayerShape(model_dim=8, ffn_dim=6, num_experts=4, top_k=2, activation="swiglu")
 TOKENS, SEED = 24, 7
 EXPERT_PARAMS = ("w1_EHM", "w2_EHM", "w3_EHM")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_inputs(rank: int):

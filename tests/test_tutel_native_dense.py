@@ -1,6 +1,6 @@
 """tutel_native against an independent dense GShard-style formulation (fp64, 1e-12).
 
-The dense model below is written from the contract (shared/docs/tutel-semantics.md
+The dense model below is written from the contract (docs/tutel-semantics.md
 sections 2-3) with one-hot masks and einsums over a [S, E, C] combine tensor:
 slow and obvious, sharing no code with the layer. Outputs, l_aux, dispatch
 counts and every gradient (input, gate, experts) must agree.

@@ -9,13 +9,12 @@ of the reference's, cut to this rank's shard.
 """
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from systems.distributed import free_port
 from systems.tutel_native import checkpoint
 from systems.tutel_native.comm import Exchange, all_to_all, subgroup
 from systems.tutel_native.layer import MoELayer
@@ -26,12 +25,6 @@ ATOL, RTOL = 2e-5, 1e-4
 
 
 # ---- spawning ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank, world, port, fn, args):

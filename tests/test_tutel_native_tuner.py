@@ -108,3 +108,85 @@ def test_bad_configuration():
         AdaptiveTuner([])
     with pytest.raises(ValueError, match="duplicate"):
         AdaptiveTuner([Candidate(1, 1), Candidate(1, 1)])
+
+
+# ---- reachable from the harness: the adapter's `tune` option -------------------------------------
+
+def _tuned_layer(options: dict, parallel=None, seed_rank: int = 0):
+    from core.values import CanonicalWeights, MoEKnobs, ParallelSpec
+    from systems import get_system
+    from workloads.flavors import get_workload
+
+    shape = get_workload("mixtral-8x7b", "debug").layer
+    knobs = MoEKnobs(capacity_factor=1.2, options=options)
+    parallel = parallel or ParallelSpec()
+    system = get_system("tutel_native")
+    assert system.check_support(shape, knobs, parallel).ok
+    layer = system.build_layer(shape, knobs, parallel)
+    layer.load_canonical(CanonicalWeights.random(shape, seed=3, dtype=torch.float32))
+    x = torch.randn(64, shape.model_dim, generator=torch.Generator().manual_seed(10 + seed_rank))
+    return layer, x
+
+
+def test_tune_option_tunes_in_the_first_forward_and_reports_it():
+    layer, x = _tuned_layer({"tune": True, "tune_steps": 2, "tune_warmup": 0})
+    plain, _ = _tuned_layer({})
+    y = layer(x.clone().requires_grad_()).y_TM
+    report = layer.tuning_report()
+    assert plain.tuning_report() is None
+    # world size 1: the only valid setting is r = 1, d = 1; it is timed and chosen
+    assert report["chosen"] == {"adaptive_r": 1, "a2a_ffn_overlap_degree": 1}
+    assert [len(c["seconds"]) for c in report["candidates"]] == [2] and report["candidates"][0]["chosen"]
+    assert report["wall_s"] > 0 and report["log"][-1].startswith("tuner: chose")
+    assert all(p.grad is None for p in layer.parameters())  # tuning accumulated no gradients
+    torch.testing.assert_close(y, plain(x).y_TM)  # and changed nothing the step computes
+    layer(x)
+    assert layer.tuning_report() is report  # tuned once, not per forward
+
+
+def test_tune_option_values_are_checked():
+    from core.values import LayerShape, MoEKnobs, ParallelSpec
+    from systems import get_system
+
+    shape = LayerShape(8, 16, 4, 1, "gelu")
+    for bad in ({"tune_steps": 0}, {"tune_warmup": -1}, {"tune_steps": 1.5}):
+        support = get_system("tutel_native").check_support(shape, MoEKnobs(options=bad), ParallelSpec())
+        assert not support.ok and next(iter(bad)) in support.reason
+
+
+def test_tune_option_runs_in_a_trial_round():
+    from core.values import MoEKnobs, ParallelSpec
+    from harness import trial
+    from harness.trial_spec import TrialSpec
+    from workloads.flavors import get_workload
+
+    threads = torch.get_num_threads()
+    workload = get_workload("mixtral-8x7b", "debug")
+    spec = TrialSpec("tutel_native", workload, "layer", "forward_backward", "learned",
+                     MoEKnobs(capacity_factor=workload.capacity_factor, options={"tune": True, "tune_steps": 1}),
+                     ParallelSpec(threads_per_rank=1), warmup=1, steps=2, timeout_s=60)
+    try:
+        result = trial.run_trial(spec)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["status"] == "ok", result["message"]
+    assert result["check"]["passed"] and len(result["samples_s"]) == 2
+
+
+def _tune_two_ranks(rank, world):
+    from core.values import ParallelSpec
+
+    layer, x = _tuned_layer({"tune": True, "tune_steps": 1}, ParallelSpec(world_size=2, ep=2), seed_rank=rank)
+    layer(x)
+    report = layer.tuning_report()
+    # E = 8 over 2 ranks: r in {0, 1}, and d in {1, 2, 4} where r > 0
+    assert [(c["adaptive_r"], c["a2a_ffn_overlap_degree"]) for c in report["candidates"]] == [
+        (0, 1), (1, 1), (1, 2), (1, 4)]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, report["chosen"])
+    assert everyone[0] == everyone[1]  # the slowest rank's times decide, so every rank agrees
+    assert (layer.layer.adaptive_r, layer.layer.a2a_ffn_overlap_degree) == tuple(report["chosen"].values())
+
+
+def test_tune_option_agrees_across_two_ranks():
+    spawn(_tune_two_ranks, 2)

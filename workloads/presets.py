@@ -1,6 +1,6 @@
 """Full-size workloads, with the source of every figure.
 
-Sources (see shared/docs/workloads-and-papers.md):
+Sources (see docs/workloads-and-papers.md):
 [mixtral-7b-card]  Mixtral-8x7B config.json: 32 layers, hidden 4096, FFN 14336
                    (SwiGLU), 32 heads / 8 KV heads, vocab 32000, 8 experts top-2.
 [mixtral-22b-card] Mixtral-8x22B config.json: 56 layers, hidden 6144, FFN 16384

@@ -66,7 +66,7 @@ def _validate(args) -> tuple[list[str], list[int]]:
 def comm_trials(raw: dict, nnodes: int) -> list[dict]:
     """Schema trial records (level "comm") from the ranks' measurements."""
     from harness.comm import bus_factor
-    from harness.schema import trial_id
+    from harness.identity import trial_id
     from harness.stats import summarize
 
     trials = []
@@ -94,16 +94,17 @@ def comm_trials(raw: dict, nnodes: int) -> list[dict]:
 
 def format_comm_table(trials: list[dict]) -> str:
     from harness.comm import fit_alpha_beta
+    from harness.tables import text_table
 
-    lines = [f"{'collective':<15} {'bytes/rank':>11} {'median us':>10} {'IQR us':>8} {'algbw MB/s':>11} "
-             f"{'busbw MB/s':>11}"]
+    rows = []
     by_op: dict[str, list[tuple[int, float]]] = {}
     for t in trials:
         s, tp = t["summary"], t["throughput"]
         nbytes = t["workload_spec"]["bytes_per_rank"]
         by_op.setdefault(t["mode"], []).append((nbytes, s["median"]))
-        lines.append(f"{t['mode']:<15} {nbytes:>11} {s['median'] * 1e6:>10.1f} {s['iqr'] * 1e6:>8.1f} "
-                     f"{tp['algbw_bytes_per_s'] / 1e6:>11.1f} {tp['busbw_bytes_per_s'] / 1e6:>11.1f}")
+        rows.append((t["mode"], nbytes, f"{s['median'] * 1e6:.1f}", f"{s['iqr'] * 1e6:.1f}",
+                     f"{tp['algbw_bytes_per_s'] / 1e6:.1f}", f"{tp['busbw_bytes_per_s'] / 1e6:.1f}"))
+    lines = [text_table(("collective", "bytes/rank", "median us", "IQR us", "algbw MB/s", "busbw MB/s"), rows)]
     lines.append("alpha-beta fit t = alpha + bytes * beta (least squares over sizes):")
     for op, points in by_op.items():
         if len(points) >= 2:
@@ -115,7 +116,7 @@ def format_comm_table(trials: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness import runner
+    from harness import procs
     from harness.launch import REPO_DIR, LaunchConfig, child_env, trial_command
     from harness.schema import new_document, write_atomic
 
@@ -132,17 +133,12 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         started = time.monotonic()
         with open(Path(tmp) / "stderr", "wb") as err:
-            proc = subprocess.Popen(argv, cwd=REPO_DIR, env=child_env(config), stdout=subprocess.DEVNULL,
-                                    stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
-            try:
-                rc = proc.wait(timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                runner.kill_tree(proc)
-                print(f"moebench comm: error: no result after {args.timeout:g} s; ranks killed", file=sys.stderr)
-                return 1
-            except BaseException:
-                runner.kill_tree(proc)
-                raise
+            # timeout or Ctrl-C kills torchrun and every rank (harness/procs.py); Ctrl-C is re-raised
+            rc = procs.run(argv, args.timeout, cwd=REPO_DIR, env=child_env(config), stdout=subprocess.DEVNULL,
+                           stderr=err).returncode
+        if rc is None:
+            print(f"moebench comm: error: no result after {args.timeout:g} s; ranks killed", file=sys.stderr)
+            return 1
         if args.node_rank != 0:
             print(f"moebench comm: done on node {args.node_rank} (results are written on node 0)")
             return rc

@@ -26,10 +26,12 @@ def system_rows() -> list[dict]:
         except Exception as exc:  # a peer package can fail at import in many ways; report it, never crash
             ok, reason = False, f"availability check failed: {type(exc).__name__}: {exc}"
         try:
-            description = systems.load_system_class(name).description
+            cls = systems.load_system_class(name)
+            description, options = cls.description, dict(cls.options)
         except Exception:  # already explained in the reason above
-            description = ""
-        rows.append({"name": name, "available": ok, "reason": reason, "description": description})
+            description, options = "", {}
+        rows.append({"name": name, "available": ok, "reason": reason, "description": description,
+                     "options": options})
     return rows
 
 
@@ -54,11 +56,10 @@ def workload_rows() -> list[dict]:
 
 
 def _text_table(rows: list[dict], columns: list[str]) -> str:
-    cells = [[("yes" if v is True else "no" if v is False else str(v)) for v in (r[c] for c in columns)] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    return "\n".join(lines)
+    from harness.tables import text_table
+
+    return text_table(columns, [["yes" if v is True else "no" if v is False else v for v in (r[c] for c in columns)]
+                                for r in rows])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,6 +72,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print("Systems")
     print(_text_table(system_info, ["name", "available", "reason", "description"]))
+    print()
+    print("System options (--option SYSTEM.KEY=VALUE for one system, --option KEY=VALUE for every system that "
+          "declares KEY, --variant SYSTEM:KEY=VALUE[,...] for an extra labelled entry)")
+    option_rows = [{"system": r["name"], "option": key, "meaning": meaning}
+                   for r in system_info for key, meaning in r["options"].items()]
+    print(_text_table(option_rows, ["system", "option", "meaning"]))
     print()
     print("Workloads (M model dim, H expert hidden, E experts, k top-k; tokens per rank per step)")
     print(_text_table(workload_info, ["workload", "flavor", "M", "H", "E", "k", "activation", "tokens_per_step",

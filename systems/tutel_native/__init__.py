@@ -1,6 +1,6 @@
 """tutel_native: a native, single-file-per-job implementation of Tutel-style adaptive MoE.
 
-``moe_layer`` takes Tutel's keyword API (shared/docs/tutel-semantics.md).
+``moe_layer`` takes Tutel's keyword API (docs/tutel-semantics.md).
 """
 from systems.tutel_native.layer import MoELayer
 

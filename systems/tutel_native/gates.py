@@ -1,4 +1,4 @@
-"""Gates: the router's logits (section 2 steps 1-2 of shared/docs/tutel-semantics.md).
+"""Gates: the router's logits (section 2 steps 1-2 of docs/tutel-semantics.md).
 
 Parameter names follow Tutel's checkpoint format (``wg.weight`` for ``top``;
 ``temperature``, ``cosine_projector``, ``sim_matrix`` for ``cosine_top``), so a

@@ -1,6 +1,6 @@
 """The Tutel-style MoE layer: gate -> route -> encode -> experts -> decode.
 
-Keyword API and behaviour: shared/docs/tutel-semantics.md (the contract).
+Keyword API and behaviour: docs/tutel-semantics.md (the contract).
 One process is complete here; world size > 1 (expert-parallel all-to-all,
 sharded experts, adaptive r, overlap d, 2D hierarchical all-to-all) goes
 through :meth:`MoELayer._expert_step` into ``systems/tutel_native/parallel.py``.

@@ -1,6 +1,6 @@
 """Does the a2a/expert pipeline (overlap degree d) really overlap? Measure it.
 
-``python -m systems.tutel_native.overlap_bench [--ranks 2] [--tokens 2048] ...``
+``python -m benchmarks.overlap_bench [--ranks 2] [--tokens 2048] ...``
 spawns gloo ranks on this machine and times, in interleaved rounds (medians):
 
 * step(d): the layer's expert step (dispatch all-to-all, experts, combine
@@ -21,6 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from systems.distributed import free_port
 from systems.tutel_native.comm import Exchange, all_to_all
 from systems.tutel_native.parallel import ShardPlan, ffn_weights, run_experts
 
@@ -100,14 +101,9 @@ def main(argv=None) -> int:
     parser.add_argument("--degrees", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(args.ranks, port, args), nprocs=args.ranks, join=True)
+    mp.spawn(_worker, args=(args.ranks, free_port(), args), nprocs=args.ranks, join=True)
     return 0
 
 
