@@ -6,11 +6,16 @@ identical canonical weights; the process prints one JSON line with its
 results. ``python -m harness.check --worker`` is that process (it reads its
 job as JSON on stdin).
 
-Cases: top-1 GELU and top-2 SwiGLU (plus top-2 GELU with expert biases), each
-dropless and capacity-limited (cf 1.0, so some choices are dropped), in fp32
-(tolerance 1e-5) and fp64 (1e-10, or fp32's for systems that route in fp32).
-Compared: forward output, input gradient, tokens per expert (exactly); see
-harness/equivalence.py for how peers' capacity and drop rules are mirrored.
+Cases: top-1 GELU and top-2 SwiGLU, each dropless and capacity-limited (cf 1.0,
+so some choices are dropped), in fp32 and fp64, plus top-2 GELU with expert
+biases (cf 1.0 fp32, dropless fp64). Compared (harness/equivalence.py): the
+forward output, the input gradient, every weight gradient in canonical layout
+(gate_EM, w1_EHM, w2_EHM, w3_EHM, b1_EH, b2_EM; the worst is the "grad" column),
+l_aux where the system returns the reference's GShard loss, and tokens per
+expert (exactly). Tolerance 1e-5 (fp32) and 1e-10 (fp64), or the tolerance of
+the lower internal precision a system declares (DeepSpeed's and Megatron's fp32
+gates, real Tutel's fp32 dispatch), with the declared reason in the note.
+See harness/equivalence.py for how peers' capacity and drop rules are mirrored.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from core.values import LayerShape
+from harness import procs
 
 MODEL_DIM, FFN_DIM, NUM_EXPERTS, NUM_TOKENS = 32, 48, 4, 64
 WORKER_TIMEOUT_S = 600
@@ -48,6 +54,7 @@ def default_cases() -> list[CheckCase]:
                 routing = "dropless" if cf is None else f"cf{cf:g}"
                 cases.append(CheckCase(f"top{k}-{act}-{routing}-{dtype.replace('float', 'fp')}", k, act, cf, dtype))
     cases.append(CheckCase("top2-gelu-bias-cf1-fp32", 2, "gelu", 1.0, "float32", expert_bias=True))
+    cases.append(CheckCase("top2-gelu-bias-dropless-fp64", 2, "gelu", None, "float64", expert_bias=True))
     return cases
 
 
@@ -61,6 +68,9 @@ class CaseResult:
     tolerance: float | None = None
     note: str = ""
     routing: dict = field(default_factory=dict)
+    rel_err: dict = field(default_factory=dict)  # every compared quantity (harness/equivalence.py)
+    max_rel_err_grad: float | None = None  # worst weight-gradient error
+    declared_precision: str = ""  # the system's declared lower internal precision, if any
 
 
 def run_cases(system_name: str, cases: list[CheckCase], options: dict | None = None) -> list[CaseResult]:
@@ -92,7 +102,8 @@ def run_cases(system_name: str, cases: list[CheckCase], options: dict | None = N
         check = check_against_reference(layer, case.shape, knobs, parallel, weights, x_TM)
         results.append(CaseResult(system_name, case.name, "pass" if check.passed else "FAIL", check.max_rel_err_y,
                                   check.max_rel_err_dx, check.tolerance, check.note,
-                                  layer.routing_stats().to_dict()))
+                                  layer.routing_stats().to_dict(), check.rel_err, check.max_rel_err_grad,
+                                  check.declared_precision))
     return results
 
 
@@ -114,10 +125,9 @@ def run_system_in_subprocess(system_name: str, cases: list[CheckCase], options: 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # a lone process picks its own free port
     job = json.dumps({"system": system_name, "cases": [asdict(c) for c in cases], "options": options or {}})
-    try:
-        proc = subprocess.run([sys.executable, "-m", "harness.check", "--worker"], input=job, capture_output=True,
-                              text=True, cwd=root, env=env, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
+    proc = procs.run([sys.executable, "-m", "harness.check", "--worker"], timeout_s, input=job, text=True,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=root, env=env)
+    if proc.timed_out:  # its whole tree was killed
         return [CaseResult(system_name, c.name, "error", note=f"worker timed out after {timeout_s:g} s") for c in cases]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
     if proc.returncode != 0 or not lines:
@@ -134,24 +144,38 @@ def format_table(results: list[CaseResult]) -> str:
     def err(v):
         return "-" if v is None else f"{v:.1e}"
 
+    from harness.tables import text_table
+
     header = ("system", "case", "result", "rel err y", "rel err dx", "tol", "note")
-    rows = [header] + [(r.system, r.case, r.status, err(r.max_rel_err_y), err(r.max_rel_err_dx), err(r.tolerance),
-                        r.note) for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    lines = []
-    for row in rows:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=False)) + "  " + row[-1])
+    return text_table(header, [(r.system, r.case, r.status, err(r.max_rel_err_y), err(r.max_rel_err_dx),
+                                err(r.tolerance), r.note) for r in results])
+
+
+def results_table(results: list[CaseResult]) -> str:
+    """The `moebench check` table: errors of y, dx, the worst weight gradient and l_aux against one
+    tolerance, then each system's declared lower internal precision, once."""
+    from harness.tables import text_table
+
+    def err(v):
+        return "-" if v is None else f"{v:.1e}"
+
+    rows = []
+    for r in results:
+        note = r.note.replace(r.declared_precision, "declared precision (below)") if r.declared_precision else r.note
+        rows.append((r.system, r.case, r.status, err(r.max_rel_err_y), err(r.max_rel_err_dx),
+                     err(r.max_rel_err_grad), err(r.rel_err.get("l_aux")), err(r.tolerance), note))
+    header = ("system", "case", "result", "y", "dx", "grad (worst)", "l_aux", "tol", "note")
+    lines = [text_table(header, rows)]
+    declared = dict.fromkeys((r.system, r.declared_precision) for r in results if r.declared_precision)
+    lines += [f"{system}: {note}" for system, note in declared]
     return "\n".join(lines)
 
 
 def write_json_atomic(path: str, payload) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
+    """The check report, atomically (harness/files.py)."""
+    from harness.files import write_json_atomic as write
+
+    write(payload, path, indent=2)
 
 
 if __name__ == "__main__":

@@ -193,8 +193,20 @@ def build_model(
     return model.to(knobs.device)
 
 
-def make_batch(workload: Workload, seed: int, rank: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens_BS, targets_BS): uniform random token ids and their next tokens, seeded by (seed, rank)."""
+def make_batch(workload: Workload, seed: int, rank: int = 0, device: str = "cpu",
+               entry: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens_BS, targets_BS): uniform random token ids and their next tokens, seeded by
+    (seed, rank, pool entry); entry 0 keeps the original (seed, rank) stream."""
     B, S, V = workload.batch_size, workload.seq_len, workload.model.vocab_size
-    seq = torch.randint(0, V, (B, S + 1), generator=seeded_generator("batch", seed, rank))
+    parts = ("batch", seed, rank) if entry == 0 else ("batch", seed, rank, "entry", entry)
+    seq = torch.randint(0, V, (B, S + 1), generator=seeded_generator(*parts))
     return seq[:, :-1].to(device), seq[:, 1:].to(device)
+
+
+def make_batch_pool(workload: Workload, seed: int, size: int, rank: int = 0,
+                    device: str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`size` distinct token batches (entry p = make_batch(..., entry=p)): the fixed pool a model
+    benchmark's steps cycle through, the same for every system."""
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"pool size must be a positive integer, got {size!r}")
+    return [make_batch(workload, seed, rank, device, entry=p) for p in range(size)]

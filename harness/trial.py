@@ -12,14 +12,26 @@ Timing: warm-up steps, then timed steps; with several ranks a barrier
 precedes every timed step, every rank times its own step, and the step time
 is the slowest rank's. Backward passes use a fixed contiguous upstream
 gradient (a ``.sum()`` gradient is a stride-0 tensor that sends bmm down a
-slow path). ``forward`` mode is the forward half of a training step
+slow path). Step i (warm-up and timed alike) runs on entry i mod spec.input_pool of
+a fixed, seeded pool of distinct batches, the same for every system
+(workloads/routing.py, harness/model.py), so routing changes from step to step
+as in training; routing statistics are collected after each timed step,
+outside the timed region, and averaged over the steps.
+
+Checks: round 0 (spec.check) runs the full equivalence check of every MoE
+layer against the reference before the timed steps; its result["check"] is
+the CheckResult dict plus ``checksum = {"ranks": [one per rank]}`` (a layer's
+checksum, or ``{"layers": [...]}`` at model level). A later round whose spec
+has check=False and ``verify`` = round 0's check["checksum"] recomputes those
+checksums on the same inputs and freshly loaded weights, also before the
+timed steps, and records result["check"] = {"passed", "kind": "checksum",
+"note", "max_deviation", "tolerance"} (harness/equivalence.py). ``forward`` mode is the forward half of a training step
 (autograd records the graph, nothing is backpropagated).
 
 Legend: T tokens, M model dim.
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import statistics
@@ -32,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from harness.environment import thread_record
 from harness.host_memory import keep_freed_memory
 from harness.trial_spec import TrialSpec
 
@@ -72,11 +85,10 @@ def default_threads(spec: TrialSpec) -> int:
 
 
 def write_json_atomic(data: dict, path: str | Path) -> None:
-    """Temp file in the same directory, then os.replace: never half-written."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    """The round's result, atomically (harness/files.py): the runner never reads a half-written file."""
+    from harness.files import write_json_atomic as write
+
+    write(data, path, indent=1)
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -133,10 +145,17 @@ def _gather(value):
 class Bench:
     """What one level needs to run: a step function, stats, FLOPs and a finiteness probe."""
 
-    def __init__(self, step: Callable[[], torch.Tensor], after: Callable[[], None], routing: Callable[[], dict],
-                 phase_times: Callable[[], dict | None], flops: Callable[[dict], dict], tokens: int):
+    def __init__(self, step: Callable[[int], torch.Tensor], after: Callable[[], None], routing: Callable[[], dict],
+                 phase_times: Callable[[], dict | None], flops: Callable[[dict], dict], tokens: int,
+                 layers: list | None = None):
         self.step, self.after, self.routing, self.phase_times, self.flops = step, after, routing, phase_times, flops
         self.tokens = tokens
+        self.layers = layers or []  # the system's MoE layers (for what they report after the steps)
+
+    def tuning(self) -> list | None:
+        """What each MoE layer's run-time tuner tried and chose (None when no layer tuned)."""
+        reports = [layer.tuning_report() for layer in self.layers]
+        return reports if any(r is not None for r in reports) else None
 
 
 def _backward(out, dy_TM: torch.Tensor) -> None:
@@ -152,27 +171,26 @@ def _backward(out, dy_TM: torch.Tensor) -> None:
 
 def build_layer_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict | None]:
     from harness import flops
-    from harness.equivalence import check_against_reference
-    from workloads.routing import make_layer_inputs
+    from workloads.routing import make_layer_input_pool
 
     shape, knobs, parallel = spec.workload.layer, spec.knobs, spec.parallel
     T, rank = spec.workload.tokens_per_step, global_rank()
-    x_TM, weights = make_layer_inputs(shape, T, spec.routing, knobs.seed, rank=rank, dtype=knobs.torch_dtype)
-    x_TM, weights = x_TM.to(device), weights.to(device=device)
+    pool, weights = make_layer_input_pool(shape, T, spec.routing, knobs.seed, spec.input_pool, rank=rank,
+                                          dtype=knobs.torch_dtype)
+    weights = weights.to(device=device)
     layer = system.build_layer(shape, knobs, parallel)
     layer.load_canonical(weights)
-    check = None
-    if spec.check:
-        check = check_against_reference(layer, shape, knobs, parallel, weights, x_TM, seed=knobs.seed).to_dict()
-        layer.zero_grad(set_to_none=True)
+    check = _layer_check(spec, layer, weights, pool[0].to(device), _expected_checksum(spec))
+    layer.zero_grad(set_to_none=True)
 
     gen = torch.Generator().manual_seed(knobs.seed * 7919 + rank)
     dy_TM = torch.randn(T, shape.model_dim, generator=gen, dtype=torch.float64).to(knobs.torch_dtype).to(device)
-    x_TM = x_TM.detach().requires_grad_(True)
+    xs_TM = [x_TM.to(device).detach().requires_grad_(True) for x_TM in pool]
     poison = _fault_here(spec, "nonfinite")
     opt = torch.optim.SGD(layer.parameters(), lr=LAYER_SGD_LR) if spec.mode == "train" else None
 
-    def step() -> torch.Tensor:
+    def step(i: int = 0) -> torch.Tensor:
+        x_TM = xs_TM[i % len(xs_TM)]
         out = layer(x_TM * float("nan") if poison else x_TM)
         if spec.mode != "forward":
             _backward(out, dy_TM)
@@ -182,7 +200,8 @@ def build_layer_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict
         return out.y_TM
 
     def after() -> None:
-        x_TM.grad = None
+        for x_TM in xs_TM:
+            x_TM.grad = None
         if opt is None:
             layer.zero_grad(set_to_none=True)
 
@@ -190,7 +209,106 @@ def build_layer_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict
         return layer.routing_stats().to_dict()
 
     return Bench(step, after, routing, layer.phase_times,
-                 lambda r: flops.layer_flops(shape, T, r, spec.mode), T), check
+                 lambda r: flops.layer_flops(shape, T, r, spec.mode), T, [layer]), check
+
+
+def _expected_checksum(spec: TrialSpec) -> dict | None:
+    """This rank's part of round 0's checksum (spec.verify), when this round verifies one."""
+    if spec.check or not spec.verify:
+        return None
+    ranks = spec.verify.get("ranks") or []
+    rank = global_rank()
+    if len(ranks) != spec.parallel.world_size:
+        return {"unusable": f"spec.verify holds {len(ranks)} ranks' checksums, the trial has "
+                f"{spec.parallel.world_size}"}
+    return ranks[rank]
+
+
+def _layer_check(spec: TrialSpec, layer, weights, x_TM: torch.Tensor, expected: dict | None) -> dict | None:
+    """Round 0: the full check (CheckResult dict with this rank's "checksum"); a verifying
+    round: the checksum verification; otherwise None. Every rank calls it (collective forward)."""
+    from harness.equivalence import check_against_reference, verify_checksum
+
+    shape, knobs, parallel = spec.workload.layer, spec.knobs, spec.parallel
+    if spec.check:
+        return check_against_reference(layer, shape, knobs, parallel, weights, x_TM, seed=knobs.seed).to_dict()
+    if expected is None:
+        return None
+    if "unusable" in expected:
+        return {"passed": False, "kind": "checksum", "note": expected["unusable"]}
+    return verify_checksum(layer, shape, knobs, x_TM, expected, seed=knobs.seed)
+
+
+def _aggregate_layer_checks(checks: list[dict]) -> dict:
+    """One check dict for a model's MoE layers: passed only if every layer passed, worst errors
+    on top, each layer's dict under "per_layer" (their checksums under "checksum.layers")."""
+    if checks[0].get("kind") == "checksum":
+        notes = [f"layer {j}: {c['note']}" for j, c in enumerate(checks) if not c["passed"]]
+        return {"passed": all(c["passed"] for c in checks), "kind": "checksum",
+                "max_deviation": max((c.get("max_deviation") or 0.0) for c in checks),
+                "tolerance": checks[0].get("tolerance"),
+                "note": "; ".join(notes) or checks[0]["note"], "per_layer": checks}
+    per_layer = [{k: v for k, v in c.items() if k != "checksum"} for c in checks]
+    rel_err: dict[str, float] = {}
+    for c in checks:
+        for name, err in c["rel_err"].items():
+            rel_err[name] = max(rel_err.get(name, 0.0), err)
+    grads = [c["max_rel_err_grad"] for c in checks if c["max_rel_err_grad"] is not None]
+    notes = [f"layer {j}: {c['note']}" for j, c in enumerate(checks) if c["note"]]
+    return {
+        "passed": all(c["passed"] for c in checks),
+        "max_rel_err_y": max(c["max_rel_err_y"] for c in checks),
+        "max_rel_err_dx": max(c["max_rel_err_dx"] for c in checks),
+        "counts_equal": all(c["counts_equal"] for c in checks),
+        "tolerance": max(c["tolerance"] for c in checks),
+        "note": "; ".join(notes),
+        "rel_err": rel_err,
+        "max_rel_err_grad": max(grads) if grads else None,
+        "declared_precision": checks[0]["declared_precision"],
+        "per_layer": per_layer,
+        "checksum": {"layers": [c["checksum"] for c in checks]},
+    }
+
+
+def _combine_rank_checks(checks: list[dict | None]) -> dict | None:
+    """Every rank's check as one dict: rank 0's, passed only if all passed, each rank's
+    checksum under checksum.ranks (what later rounds get as spec.verify)."""
+    if checks[0] is None:
+        return None
+    combined = {k: v for k, v in checks[0].items() if k != "checksum"}
+    combined["passed"] = all(c is not None and c["passed"] for c in checks)
+    if len(checks) > 1:
+        combined["per_rank"] = [{k: v for k, v in c.items() if k != "checksum"} for c in checks]
+        failed = [f"rank {r}: {c['note']}" for r, c in enumerate(checks) if not c["passed"]]
+        if failed:
+            combined["note"] = "; ".join(failed)
+    if "checksum" in checks[0]:
+        combined["checksum"] = {"ranks": [c["checksum"] for c in checks]}
+    return combined
+
+
+def average_routing(samples: list[dict]) -> dict:
+    """RoutingStats dicts of several steps (pool entries) as one: counts, drops, rows and l_aux
+    averaged (None when any step has None), capacity the largest; "per_layer" averaged per layer."""
+    first = samples[0]
+    if "per_layer" in first:
+        per_layer = [average_routing([s["per_layer"][j] for s in samples]) for j in range(len(first["per_layer"]))]
+        return {**per_layer[0], "per_layer": per_layer}
+    n = len(samples)
+
+    def mean(key):
+        values = [s.get(key) for s in samples]
+        return None if any(v is None for v in values) else sum(values) / n
+
+    capacities = [s.get("capacity") for s in samples]
+    return {
+        **first,
+        "tokens_per_expert": [sum(col) / n for col in zip(*(s["tokens_per_expert"] for s in samples), strict=True)],
+        "dropped": mean("dropped"),
+        "capacity": None if any(c is None for c in capacities) else max(capacities),
+        "l_aux": mean("l_aux"),
+        "expert_rows_computed": mean("expert_rows_computed"),
+    }
 
 
 def make_optimizer(params) -> torch.optim.Optimizer:
@@ -205,35 +323,37 @@ def make_optimizer(params) -> torch.optim.Optimizer:
 
 def build_model_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict | None]:
     """The iteration papers report: forward, backward, data-parallel gradient sync, optimizer step."""
-    from core.values import CanonicalWeights
     from harness import flops
     from harness.distributed import sync_gradients
-    from harness.equivalence import check_against_reference
-    from harness.model import build_model, make_batch, moe_block_indices
+    from harness.model import build_model, make_batch_pool, moe_block_indices
     from workloads.routing import make_layer_inputs
 
     workload, knobs, parallel = spec.workload, spec.knobs, spec.parallel
     rank = global_rank()
     model = build_model(workload, system, knobs, parallel, seed=knobs.seed)
-    check = None
-    if spec.check:
-        # The first MoE block's layer, checked at layer level on the weights build_model loaded into it.
-        first = moe_block_indices(workload.model.n_layers, workload.model.moe_every)[0]
-        weights = CanonicalWeights.random(workload.layer, seed=knobs.seed * 1000 + first)
-        weights = weights.to(dtype=knobs.torch_dtype, device=device)
-        x_TM, _ = make_layer_inputs(workload.layer, workload.tokens_per_step, spec.routing, knobs.seed, rank=rank,
-                                    dtype=knobs.torch_dtype)
-        layer = model.moe_layers[0]
-        check = check_against_reference(layer, workload.layer, knobs, parallel, weights, x_TM.to(device),
-                                        seed=knobs.seed).to_dict()
-        model.zero_grad(set_to_none=True)
+    expected = _expected_checksum(spec)
+    checks = []
+    # Every MoE layer, at layer level on the weights build_model loaded into it: make_layer_inputs
+    # with build_model's per-block seed gives exactly those weights (learned routing: the model's
+    # gates are random canonical ones), and tokens of this rank.
+    for j, i in enumerate(moe_block_indices(workload.model.n_layers, workload.model.moe_every)):
+        x_TM, weights = make_layer_inputs(workload.layer, workload.tokens_per_step, "learned", knobs.seed * 1000 + i,
+                                          rank=rank, dtype=knobs.torch_dtype)
+        want = expected
+        if expected is not None and "unusable" not in expected:
+            layers = expected.get("layers") or []
+            want = layers[j] if j < len(layers) else {"unusable": f"round 0's checksum has no MoE layer {j}"}
+        checks.append(_layer_check(spec, model.moe_layers[j], weights.to(device=device), x_TM.to(device), want))
+    model.zero_grad(set_to_none=True)
+    check = None if checks[0] is None else _aggregate_layer_checks(checks)
 
-    tokens_BS, targets_BS = make_batch(workload, knobs.seed, rank=rank, device=device)
+    batches = make_batch_pool(workload, knobs.seed, spec.input_pool, rank=rank, device=device)
     opt = make_optimizer(model.parameters()) if spec.mode == "train" else None
     poison = _fault_here(spec, "nonfinite")
     expert_params = [p for layer in model.moe_layers for p in layer.expert_parameters()]
 
-    def step() -> torch.Tensor:
+    def step(i: int = 0) -> torch.Tensor:
+        tokens_BS, targets_BS = batches[i % len(batches)]
         loss, _ = model.loss(tokens_BS, targets_BS)
         if poison:
             loss = loss * float("nan")
@@ -259,7 +379,8 @@ def build_model_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict
     def model_flops(r: dict) -> dict:
         return flops.model_flops(workload, r["per_layer"], spec.mode)
 
-    return Bench(step, after, routing, phase_times, model_flops, workload.tokens_per_step), check
+    return Bench(step, after, routing, phase_times, model_flops, workload.tokens_per_step,
+                 model.moe_layers), check
 
 
 # ----------------------------------------------------------------- the round
@@ -271,24 +392,29 @@ def _median_phases(samples: list[dict]) -> dict | None:
     return {k: statistics.median(s[k] for s in samples if k in s) for k in samples[0]}
 
 
-def _timed_steps(spec: TrialSpec, bench: Bench, device: str) -> tuple[list[float], list[dict]]:
+def _timed_steps(spec: TrialSpec, bench: Bench, device: str) -> tuple[list[float], list[dict], list[dict]]:
+    """(seconds, phase times, routing stats) per timed step; step i runs on pool entry i mod spec.input_pool,
+    and its statistics are read after the timer stopped."""
+    from functools import partial
+
     from harness.timing import StepTimer
 
     timer = StepTimer(device)
     distributed = dist.is_available() and dist.is_initialized()
-    for _ in range(spec.warmup):
-        _ensure_finite(bench.step())
+    for i in range(spec.warmup):
+        _ensure_finite(bench.step(i))
         bench.after()
-    samples, phases = [], []
-    for _ in range(spec.steps):
+    samples, phases, routings = [], [], []
+    for i in range(spec.steps):
         if distributed:
             dist.barrier()
-        result, seconds = timer.time(bench.step)
+        result, seconds = timer.time(partial(bench.step, i))
         _ensure_finite(result)
         phases.append(bench.phase_times())
+        routings.append(bench.routing())
         bench.after()
         samples.append(seconds)
-    return samples, phases
+    return samples, phases, routings
 
 
 def run_trial(spec: TrialSpec) -> dict:
@@ -301,7 +427,7 @@ def run_trial(spec: TrialSpec) -> dict:
         "status": "ok", "message": "", "samples_s": [], "per_rank_samples_s": None,
         "calibration_before_s": None, "calibration_after_s": None, "routing_stats": None,
         "phase_times_s": None, "check": None, "peak_memory_bytes": None, "flops": None,
-        "tokens_per_step": None, "timer": StepTimer(device).name, "threads": None, "wall_s": None,
+        "tokens_per_step": None, "input_pool": None, "timer": StepTimer(device).name, "threads": None, "wall_s": None,
         "rank": global_rank(),
     }
     system = None
@@ -312,6 +438,7 @@ def run_trial(spec: TrialSpec) -> dict:
         threads = default_threads(spec)
         torch.set_num_threads(threads)
         result["threads"] = threads
+        result["threads_measured"] = thread_record()
         if device.startswith("cuda"):
             torch.cuda.set_device(local_rank())
             torch.cuda.reset_peak_memory_stats()
@@ -328,13 +455,13 @@ def run_trial(spec: TrialSpec) -> dict:
         calibration_before = calibration_seconds(device)
         build = build_layer_bench if spec.level == "layer" else build_model_bench
         bench, check = build(spec, system, device)
-        samples, phases = _timed_steps(spec, bench, device)
+        samples, phases, routings = _timed_steps(spec, bench, device)
         calibration_after = calibration_seconds(device)
-        routing = bench.routing()
+        routing = average_routing(routings)
         flops = bench.flops(routing)
 
         mine = {"samples": samples, "cal": (calibration_before, calibration_after), "flops": flops,
-                "memory": peak_memory_bytes(device), "tokens": bench.tokens}
+                "memory": peak_memory_bytes(device), "tokens": bench.tokens, "check": check}
         everyone = _gather(mine)
         per_rank = [r["samples"] for r in everyone]
         result.update(
@@ -344,7 +471,9 @@ def run_trial(spec: TrialSpec) -> dict:
             calibration_after_s=max(r["cal"][1] for r in everyone),
             routing_stats=routing,
             phase_times_s=_median_phases(phases),
-            check=check,
+            check=_combine_rank_checks([r["check"] for r in everyone]),
+            input_pool=spec.input_pool,
+            tuning=bench.tuning(),
             peak_memory_bytes=max(r["memory"] for r in everyone),
             flops=_sum_flops([r["flops"] for r in everyone]),
             tokens_per_step=sum(r["tokens"] for r in everyone),

@@ -44,16 +44,30 @@ class ReferencePolicy:
       candidates by torch.topk's unspecified tie order); the check then only
       verifies that each expert kept min(load, capacity) choices.
     renormalize_after_drop: gate values divided by the sum over *kept* choices.
-    min_tolerance: a floor on the tolerance (a peer that routes in lower
-      precision than the data).
+
+    A peer that computes in lower precision than its input declares that with
+    :meth:`MoELayerAdapter.internal_precision`, not here.
     """
 
     capacity: int | None = None
     drop_order: str = "position"
     keep_TK: torch.Tensor | None = None
     renormalize_after_drop: bool = False
-    min_tolerance: float = 0.0
     note: str = ""
+
+
+@dataclass(frozen=True)
+class InternalPrecision:
+    """A precision a system computes part of the layer in, lower than its input's (e.g. an fp32 gate
+    for fp64 tokens): the equivalence check then applies that precision's tolerance and says why."""
+
+    dtype: str  # a key of TOLERANCE
+    reason: str
+
+
+class GradientsNotComparable(ValueError):
+    """Raised by canonical_gradients() when this rank's gradients have no canonical form (e.g.
+    sharded experts); the check records the reason instead of failing."""
 
 
 @dataclass
@@ -92,6 +106,13 @@ class MoEOutput:
     l_aux: torch.Tensor | None
 
 
+def grad_of(param: torch.Tensor | None) -> torch.Tensor | None:
+    """A detached copy of `param`'s gradient (zeros when backward gave it none); None for no parameter."""
+    if param is None:
+        return None
+    return torch.zeros_like(param.detach()) if param.grad is None else param.grad.detach().clone()
+
+
 class MoELayerAdapter(nn.Module, ABC):
     """One system's MoE layer behind a uniform call: ``forward(x_TM) -> MoEOutput``.
 
@@ -109,8 +130,40 @@ class MoELayerAdapter(nn.Module, ABC):
     @abstractmethod
     def routing_stats(self) -> RoutingStats: ...
 
+    def local_experts(self) -> tuple[int, int]:
+        """(first global expert, count) whose whole weights live on this rank: the slice
+        canonical_gradients() covers. Default: all experts (a single-process layer)."""
+        return 0, self.canonical_num_experts()
+
+    def canonical_num_experts(self) -> int:
+        return self.shape.num_experts  # every adapter in systems/ keeps its LayerShape as .shape
+
+    def canonical_gradients(self) -> CanonicalWeights:
+        """This rank's gradients after a backward, in canonical layout (core/values.py): the full
+        gate gradient (from this rank's tokens only: no system reduces it inside backward) and the
+        local experts' slice (local_experts(); from every token routed to them, whichever rank it
+        came from). The inverse of load_canonical's mapping, applied to ``.grad``; a parameter
+        without a gradient gives zeros. Raise GradientsNotComparable when there is no canonical form."""
+        raise NotImplementedError(f"{type(self).__name__} does not map its gradients to canonical layout")
+
+    def internal_precision(self, dtype: str) -> InternalPrecision | None:
+        """The lower precision this system computes in for `dtype` input, and why; None: it computes
+        in the input's precision. The check's tolerance is then that precision's (one mechanism for
+        every peer that routes or dispatches in fp32 whatever the input)."""
+        return None
+
+    def aux_loss_mismatch(self) -> str:
+        """Why the returned l_aux is not the reference's GShard loss (E * sum_e mean_t P[t,e] *
+        share of first choices on e, this rank's tokens), or "" when it is and can be compared."""
+        return "the adapter does not say which aux loss it returns"
+
     def phase_times(self) -> dict[str, float] | None:
         """Seconds per phase of the last step (gate, dispatch, experts, combine, comm), if measured."""
+        return None
+
+    def tuning_report(self) -> dict | None:
+        """What a run-time tuner tried and chose (settings, timings), so a result says which setting
+        its timed steps ran with; None when the system did no tuning."""
         return None
 
     def expert_parameters(self) -> list[nn.Parameter]:

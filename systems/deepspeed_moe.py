@@ -7,7 +7,7 @@ The experts are our :class:`~systems.peer_common.CanonicalFFN` (DeepSpeed takes
 any module), loaded from canonical weights.
 
 DeepSpeed's routing semantics, and how they differ from Tutel's
-(``shared/docs/tutel-semantics.md``; read off ``deepspeed/moe/sharded_moe.py``):
+(``docs/tutel-semantics.md``; read off ``deepspeed/moe/sharded_moe.py``):
 
 * capacity ``C = max(ceil(T / E * cf * k), min_capacity)`` (min_capacity 4 by
   default) instead of Tutel's ``k * int(cf * ceil(T / E))``;
@@ -22,7 +22,7 @@ DeepSpeed's routing semantics, and how they differ from Tutel's
 * dropless (``drop_tokens=False``): C = the largest expert load, all-reduced
   over the expert group, so the expert GEMMs still run on E*C padded rows;
 * the gate runs in fp32 whatever the input dtype (so fp64 runs carry fp32
-  routing error: compared at fp32 tolerance);
+  routing error): declared through ``internal_precision``, compared at fp32 tolerance;
 * aux loss: ``E * sum_e mean_t(P[t,e]) * frac_e`` with frac over first choices
   (GShard) for k <= 2; k > 2 counts all choices and divides by k.
 """
@@ -31,7 +31,15 @@ from __future__ import annotations
 import torch
 
 from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
-from systems.base import Availability, MoELayerAdapter, MoEOutput, MoESystem, RoutingStats
+from systems.base import (
+    Availability,
+    InternalPrecision,
+    MoELayerAdapter,
+    MoEOutput,
+    MoESystem,
+    RoutingStats,
+    grad_of,
+)
 from systems.peer_common import CanonicalFFN, check_world, ensure_single_process_env
 
 
@@ -83,7 +91,7 @@ class DeepSpeedMoELayer(MoELayerAdapter):
         self.ep_rank = dist.get_rank() % parallel.ep if dist.is_initialized() else 0
         self._gate_out = None
         self.moe.deepspeed_moe.gate.register_forward_hook(self._record_gate)
-        self._stats: RoutingStats | None = None
+        self._saved: tuple | None = None  # (gate outputs, l_aux, exp_counts) of the last forward
 
     def _record_gate(self, module, args, output):
         # (l_aux, capacity, E, indices[K, T] (-1 = dropped), locations, gates, exp_counts)
@@ -97,47 +105,71 @@ class DeepSpeedMoELayer(MoELayerAdapter):
             expert.load_expert(weights, self.ep_rank * self.num_local + i)
 
     def forward(self, x_TM: torch.Tensor) -> MoEOutput:
+        """DeepSpeed's layer only; the gate's outputs are kept by reference and counted lazily in
+        routing_stats() (what remains inside is DeepSpeed's own work, e.g. its exp_counts)."""
         y_TM, l_aux, exp_counts = self.moe(x_TM)
-        l_aux_out, capacity, num_experts, indices_KT = self._gate_out[:4]
-        capacity = int(capacity)
-        kept = int((indices_KT >= 0).sum())
-        self._stats = RoutingStats(
-            tokens_per_expert=[int(c) for c in exp_counts.tolist()],
-            dropped=indices_KT.numel() - kept,
-            capacity=capacity,
-            l_aux=float(l_aux.detach()),
-            expert_rows_computed=num_experts * capacity,
-        )
+        self._saved = (self._gate_out, l_aux.detach(), exp_counts)
         return MoEOutput(y_TM, l_aux)
 
     def routing_stats(self) -> RoutingStats:
-        if self._stats is None:
+        if self._saved is None:
             raise RuntimeError("routing_stats() called before the first forward")
-        return self._stats
+        gate_out, l_aux, exp_counts = self._saved
+        _l_aux, capacity, num_experts, indices_KT = gate_out[:4]
+        capacity = int(capacity)
+        kept = int((indices_KT >= 0).sum())
+        return RoutingStats(
+            tokens_per_expert=[int(c) for c in exp_counts.tolist()],
+            dropped=indices_KT.numel() - kept,
+            capacity=capacity,
+            l_aux=float(l_aux),
+            expert_rows_computed=int(num_experts) * capacity,
+        )
+
+    def local_experts(self) -> tuple[int, int]:
+        return self.ep_rank * self.num_local, self.num_local
+
+    def canonical_gradients(self) -> CanonicalWeights:
+        """DeepSpeed keeps one CanonicalFFN per local expert: stack their gradients along E."""
+        experts = list(self.moe.deepspeed_moe.experts.deepspeed_experts)
+
+        def stack(name):
+            grads = [grad_of(getattr(ex, name)) for ex in experts]
+            return None if grads[0] is None else torch.stack(grads)
+
+        return CanonicalWeights(gate_EM=grad_of(self.moe.deepspeed_moe.gate.wg.weight), w1_EHM=stack("w1_HM"),
+                                w2_EHM=stack("w2_HM"), w3_EHM=stack("w3_HM"), b1_EH=stack("b1_H"),
+                                b2_EM=stack("b2_M"))
+
+    def internal_precision(self, dtype: str) -> InternalPrecision | None:
+        if dtype == "float64":
+            return InternalPrecision("float32", "DeepSpeed's gate computes in fp32 whatever the input dtype")
+        return None
+
+    def aux_loss_mismatch(self) -> str:
+        if self.shape.top_k > 2:
+            return "DeepSpeed's top-k (k > 2) aux loss counts all k choices and divides by k"
+        return ""
 
     def reference_policy(self):
         """How to run torch_reference so that it computes what DeepSpeed computes (harness/equivalence.py)."""
-        from systems.base import TOLERANCE, ReferencePolicy
+        from systems.base import ReferencePolicy
 
         stats = self.routing_stats()
         k = self.shape.top_k
-        # DeepSpeed's gate runs in fp32: an fp64 run can be no closer than fp32.
-        floor = TOLERANCE["float32"] if self.knobs.dtype == "float64" else 0.0
-        fp32_note = "; gate computed in fp32 (fp32 tolerance)" if floor else ""
         if self.knobs.capacity_factor is None:
-            return ReferencePolicy(min_tolerance=floor, note=fp32_note.lstrip("; "))
+            return ReferencePolicy()
         if k == 1:  # top-1 keeps C of an expert's tokens in torch.topk's (unspecified) tie order
             keep_TK = (self._gate_out[3] >= 0).T.cpu()
-            return ReferencePolicy(capacity=stats.capacity, drop_order="given", keep_TK=keep_TK, min_tolerance=floor,
+            return ReferencePolicy(capacity=stats.capacity, drop_order="given", keep_TK=keep_TK,
                                    note=f"DeepSpeed capacity {stats.capacity}; top-1 drop set is torch.topk's tie "
-                                   "order, reference uses DeepSpeed's kept set" + fp32_note)
+                                   "order, reference uses DeepSpeed's kept set")
         return ReferencePolicy(
             capacity=stats.capacity,
-            min_tolerance=floor,
             drop_order="position" if k == 2 else "prob",
             renormalize_after_drop=k >= 2,
             note=f"DeepSpeed capacity {stats.capacity} (ceil(T/E*cf*k), min {MIN_CAPACITY})"
-            + ("; gates renormalised over kept choices" if k >= 2 else "") + fp32_note,
+            + ("; gates renormalised over kept choices" if k >= 2 else ""),
         )
 
 

@@ -5,13 +5,13 @@ Legend: T tokens, M model dim, H expert hidden, E experts.
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from core.values import CanonicalWeights, LayerShape
+from systems.distributed import free_port
 
 
 class CanonicalFFN(nn.Module):
@@ -52,10 +52,29 @@ class CanonicalFFN(nn.Module):
         return y_NM if self.b2_M is None else y_NM + self.b2_M
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def canonical_from_tutel_experts(tensors: dict[str, torch.Tensor], activation: str, num_local: int,
+                                 model_dim: int, ffn_dim: int, gate_EM: torch.Tensor) -> CanonicalWeights:
+    """Tutel's expert tensors (``experts_from_canonical``'s names, whole local experts) back to
+    canonical layout: the inverse of that mapping, shared by tutel_native and real Tutel.
+
+    llama_ffn: W_fc1 = w1^T, W_fc2 = w3^T (flat [E, M, H]), W_fc3 = w2 (flat [E, H, M]);
+    ffn: batched_fc1_w = w1, batched_fc2_w = w2, biases as is."""
+    E, M, H = num_local, model_dim, ffn_dim
+    if activation == "swiglu":
+        return CanonicalWeights(
+            gate_EM=gate_EM,
+            w1_EHM=tensors["W_fc1"].reshape(E, M, H).transpose(1, 2).contiguous(),
+            w3_EHM=tensors["W_fc2"].reshape(E, M, H).transpose(1, 2).contiguous(),
+            w2_EHM=tensors["W_fc3"].reshape(E, H, M).clone(),
+        )
+    b1, b2 = tensors.get("batched_fc1_bias"), tensors.get("batched_fc2_bias")
+    return CanonicalWeights(
+        gate_EM=gate_EM,
+        w1_EHM=tensors["batched_fc1_w"].reshape(E, H, M).clone(),
+        w2_EHM=tensors["batched_fc2_w"].reshape(E, H, M).clone(),
+        b1_EH=None if b1 is None else b1.reshape(E, H).clone(),
+        b2_EM=None if b2 is None else b2.reshape(E, M).clone(),
+    )
 
 
 def ensure_single_process_env() -> None:

@@ -1,7 +1,7 @@
 """torch_reference: the numerical reference every other system is checked against.
 
 A plain PyTorch loop over experts, written for obviousness, not speed. It
-implements Tutel's routing rules (``shared/docs/tutel-semantics.md`` sections
+implements Tutel's routing rules (``docs/tutel-semantics.md`` sections
 2-3) so capacity-limited results are comparable with the Tutel-style systems:
 
 * softmax over gate logits, top-k, gate values renormalised when k > 1;
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
-from systems.base import MoELayerAdapter, MoEOutput, MoESystem, RoutingStats
+from systems.base import MoELayerAdapter, MoEOutput, MoESystem, RoutingStats, grad_of
 
 
 def tutel_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -96,7 +96,7 @@ class ReferenceMoELayer(MoELayerAdapter):
         self.ep_group, self.ep_rank = _expert_group(parallel)
         self.gate_EM = nn.Parameter(torch.zeros(shape.num_experts, shape.model_dim, dtype=dtype))
         self.experts = ReferenceExperts(shape, self.num_local, dtype)
-        self._stats: RoutingStats | None = None
+        self._saved: tuple | None = None  # (idx_TK, keep_TK, capacity, l_aux) of the last forward
 
     def load_canonical(self, weights: CanonicalWeights) -> None:
         local = weights.expert_slice(self.ep_rank * self.num_local, self.num_local)
@@ -124,22 +124,15 @@ class ReferenceMoELayer(MoELayerAdapter):
         return probs_TE, idx_TK, gates_TK, keep_TK, capacity
 
     def forward(self, x_TM: torch.Tensor) -> MoEOutput:
-        E = self.shape.num_experts
         probs_TE, idx_TK, gates_TK, keep_TK, capacity = self.route(x_TM)
         l_aux = gshard_aux_loss(probs_TE, idx_TK[:, 0])
         if self.parallel.ep == 1:
             y_TM = self._local_experts(x_TM, idx_TK, gates_TK, keep_TK, first_expert=0)
         else:
             y_TM = self._expert_parallel(x_TM, idx_TK, gates_TK, keep_TK)
-        counts = torch.bincount(idx_TK.flatten(), minlength=E)
-        kept = int(keep_TK.sum())
-        self._stats = RoutingStats(
-            tokens_per_expert=counts.tolist(),
-            dropped=idx_TK.numel() - kept,
-            capacity=capacity,
-            l_aux=float(l_aux.detach()),
-            expert_rows_computed=kept,
-        )
+        # Statistics are counted lazily in routing_stats(), outside any timed step; what stays here
+        # is the routing itself (its nonzero() per expert is a host sync the loop needs anyway).
+        self._saved = (idx_TK.detach(), keep_TK.detach(), capacity, l_aux.detach())
         return MoEOutput(y_TM, l_aux)
 
     def _local_experts(self, x_TM, idx_TK, gates_TK, keep_TK, first_expert):
@@ -174,9 +167,29 @@ class ReferenceMoELayer(MoELayerAdapter):
         return y_TM.index_add(0, token_N, back_NM * gates_TK[token_N, choice_N, None])
 
     def routing_stats(self) -> RoutingStats:
-        if self._stats is None:
+        if self._saved is None:
             raise RuntimeError("routing_stats() called before the first forward")
-        return self._stats
+        idx_TK, keep_TK, capacity, l_aux = self._saved
+        kept = int(keep_TK.sum())
+        return RoutingStats(
+            tokens_per_expert=torch.bincount(idx_TK.flatten(), minlength=self.shape.num_experts).tolist(),
+            dropped=idx_TK.numel() - kept,
+            capacity=capacity,
+            l_aux=float(l_aux),
+            expert_rows_computed=kept,
+        )
+
+    def local_experts(self) -> tuple[int, int]:
+        return self.ep_rank * self.num_local, self.num_local
+
+    def canonical_gradients(self) -> CanonicalWeights:
+        """The layout is canonical already: the gradients as they are."""
+        ex = self.experts
+        return CanonicalWeights(gate_EM=grad_of(self.gate_EM), w1_EHM=grad_of(ex.w1_EHM), w2_EHM=grad_of(ex.w2_EHM),
+                                w3_EHM=grad_of(ex.w3_EHM), b1_EH=grad_of(ex.b1_EH), b2_EM=grad_of(ex.b2_EM))
+
+    def aux_loss_mismatch(self) -> str:
+        return ""  # the GShard loss is the reference's definition
 
 
 def _expert_group(parallel: ParallelSpec):

@@ -2,14 +2,18 @@
 
 Tutel is not on PyPI and is not installed here, so this adapter reports
 itself unavailable with the reason; it is written against the contract in
-shared/docs/tutel-semantics.md (sections 1, 2, 7) and untested on this machine.
+docs/tutel-semantics.md (sections 1, 2, 7) and untested on this machine.
 
 Canonical weights -> Tutel's state dict (contract section 7, sharded_count 1):
 gates.0.wg.weight = gate_EM, experts as tutel_native's checkpoint module maps them
 (``experts_from_canonical``, the one place that knows the layout).
 Dropless is ``capacity_factor=0`` at construction. Tokens per expert are
 recounted from the gate (Tutel's own dispatch_count is read off one row and
-is wrong for dropless; contract section 2.6).
+is wrong for dropless; contract section 2.6), lazily in routing_stats(), so the
+timed forward is Tutel's alone.
+
+Precision: Tutel's fast dispatch/encode kernels run fp64 input in fp32 (relative
+errors about 8e-8 against an fp64 reference), declared in ``internal_precision``.
 """
 from __future__ import annotations
 
@@ -17,7 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
-from systems.base import Availability, MoELayerAdapter, MoEOutput, MoESystem, RoutingStats
+from systems.base import (
+    Availability,
+    InternalPrecision,
+    MoELayerAdapter,
+    MoEOutput,
+    MoESystem,
+    RoutingStats,
+    grad_of,
+)
 
 NOT_INSTALLED = "the tutel package is not installed (pip install from its repository; it is not on PyPI)"
 
@@ -47,7 +59,7 @@ class TutelLayer(MoELayerAdapter):
                        "fp32_gate": False},
             model_dim=shape.model_dim, experts=experts, group=group, seeds=(knobs.seed, knobs.seed + 1, 1),
         ).to(dtype=knobs.torch_dtype, device=knobs.device)
-        self._stats: RoutingStats | None = None
+        self._saved: tuple | None = None  # (x_TM, l_aux) of the last forward
 
     def load_canonical(self, weights: CanonicalWeights) -> None:
         from systems.tutel_native.checkpoint import experts_from_canonical, shard_expert_tensor
@@ -60,8 +72,16 @@ class TutelLayer(MoELayerAdapter):
         self.moe.load_state_dict(state, strict=False)
 
     def forward(self, x_TM: torch.Tensor) -> MoEOutput:
+        """Tutel's layer only; the input is kept by reference for routing_stats()."""
         y_TM = self.moe(x_TM)
         l_aux = getattr(y_TM, "l_aux", None)
+        self._saved = (x_TM.detach(), None if l_aux is None else l_aux.detach())
+        return MoEOutput(y_TM, l_aux)
+
+    def routing_stats(self) -> RoutingStats:
+        if self._saved is None:
+            raise RuntimeError("routing_stats() called before the first forward")
+        x_TM, l_aux = self._saved
         with torch.no_grad():
             logits_TE = x_TM @ self.moe.gates[0].wg.weight.T
             idx_TK = torch.topk(logits_TE, self.shape.top_k, dim=1).indices
@@ -72,18 +92,33 @@ class TutelLayer(MoELayerAdapter):
 
             capacity = tutel_capacity(x_TM.shape[0], self.shape.num_experts, self.shape.top_k,
                                       self.knobs.capacity_factor)
-        self._stats = RoutingStats(
+        return RoutingStats(
             tokens_per_expert=[int(c) for c in counts_E.tolist()],
             dropped=0 if capacity is None else int((counts_E - capacity).clamp(min=0).sum()),
             capacity=capacity,
             l_aux=None if l_aux is None else float(l_aux),
         )
-        return MoEOutput(y_TM, l_aux)
 
-    def routing_stats(self) -> RoutingStats:
-        if self._stats is None:
-            raise RuntimeError("routing_stats() called before the first forward")
-        return self._stats
+    def local_experts(self) -> tuple[int, int]:
+        return self.ep_rank * self.num_local, self.num_local
+
+    def canonical_gradients(self) -> CanonicalWeights:
+        """Tutel's expert tensors (load_canonical's layout) mapped back, as for tutel_native."""
+        from systems.peer_common import canonical_from_tutel_experts
+
+        params = dict(self.moe.experts.named_parameters())
+        tensors = {name: grad_of(p) for name, p in params.items()}
+        return canonical_from_tutel_experts(tensors, self.shape.activation, self.num_local, self.shape.model_dim,
+                                            self.shape.ffn_dim, grad_of(self.moe.gates[0].wg.weight))
+
+    def internal_precision(self, dtype: str) -> InternalPrecision | None:
+        if dtype == "float64":
+            return InternalPrecision("float32", "Tutel's dispatch/encode kernels compute fp64 input in fp32 "
+                                     "(relative errors about 8e-8)")
+        return None
+
+    def aux_loss_mismatch(self) -> str:
+        return ""  # Tutel's top gate returns the GShard loss (tutel-semantics.md section 3)
 
 
 class Tutel(MoESystem):

@@ -50,7 +50,8 @@ def test_failures_and_errors_fail_the_run():
     assert not any_failed([ok, na])
     assert any_failed([ok, bad]) and any_failed([crashed])
     table = format_table([ok, bad, na]).splitlines()
-    assert len(table) == 4 and "FAIL" in table[2] and "2.0e-01" in table[2] and "no grouped GEMM" in table[3]
+    assert len(table) == 5 and set(table[1]) <= {"-", " "}  # header, rule, one row per result
+    assert "FAIL" in table[3] and "2.0e-01" in table[3] and "no grouped GEMM" in table[4]
 
 
 def test_default_cases_cover_dropless_capacity_and_dtypes():
@@ -58,3 +59,18 @@ def test_default_cases_cover_dropless_capacity_and_dtypes():
     assert {c.capacity_factor for c in cases} == {None, 1.0}
     assert {c.dtype for c in cases} == {"float32", "float64"}
     assert {c.top_k for c in cases} == {1, 2} and len({c.name for c in cases}) == len(cases)
+
+
+def test_results_table_shows_gradient_and_declared_precision():
+    from harness.check import results_table
+
+    declared = "declared float32 for float64 input: the gate computes in fp32"
+    ok = CaseResult("a", "c1", "pass", 1e-8, 2e-8, 1e-5, note=f"{declared} (1e-05 tolerance)",
+                    rel_err={"y": 1e-8, "dx": 2e-8, "grad_w2_EHM": 3e-7, "l_aux": 4e-9}, max_rel_err_grad=3e-7,
+                    declared_precision=declared)
+    bad = CaseResult("b", "c1", "FAIL", 0.0, 0.0, 1e-5, note="over tolerance: grad_w2_EHM 1.0e-03",
+                     rel_err={"grad_w2_EHM": 1e-3}, max_rel_err_grad=1e-3)
+    lines = results_table([ok, bad]).splitlines()
+    assert "grad (worst)" in lines[0] and "l_aux" in lines[0]
+    assert "3.0e-07" in lines[2] and "4.0e-09" in lines[2] and "1.0e-03" in lines[3]
+    assert lines[-1] == f"a: {declared}"

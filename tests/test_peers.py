@@ -46,7 +46,9 @@ def test_deepspeed_matches_reference_with_its_capacity_rule():
     stats = by_case[TOP2_DROPLESS_BIAS.name].routing
     assert stats["dropped"] == 0 and stats["capacity"] == max(stats["tokens_per_expert"])
     assert sum(stats["tokens_per_expert"]) == 2 * 64
-    assert by_case[TOP2_CF_FP64.name].note.endswith("gate computed in fp32 (fp32 tolerance)")
+    fp64 = by_case[TOP2_CF_FP64.name]
+    assert fp64.declared_precision.startswith("declared float32 for float64 input") and fp64.tolerance == 1e-5
+    assert "declared float32" in fp64.note
 
 
 @pytest.mark.slow

@@ -24,7 +24,10 @@ which expert is hottest is a seeded permutation shared by all ranks, as a
 real hot expert would be.
 
 Weights depend on ``seed`` only (identical on every rank); tokens depend on
-(seed, rank). Everything is drawn in float64 on the CPU with explicit
+(seed, rank, entry). ``make_layer_input_pool`` gives P entries: the same
+weights and P distinct token batches (entry 0 is ``make_layer_inputs``'s), so a
+benchmark's steps see routing change from step to step as in training, and no
+input- or shape-keyed cache can flatter one system. Everything is drawn in float64 on the CPU with explicit
 generators and cast at the end, so the same arguments give bit-identical
 tensors in any process.
 
@@ -74,13 +77,19 @@ def zipf_probabilities(num_experts: int, seed: int, s: float = ZIPF_S) -> torch.
     return p_E
 
 
+def _entry_parts(entry: int) -> tuple:
+    """Generator-seed parts of pool entry `entry` (none for entry 0, so it keeps its old streams)."""
+    return () if entry == 0 else ("entry", entry)
+
+
 def sample_targets(
-    shape: LayerShape, num_tokens: int, routing: str, seed: int, rank: int = 0, zipf_s: float = ZIPF_S
+    shape: LayerShape, num_tokens: int, routing: str, seed: int, rank: int = 0, zipf_s: float = ZIPF_S,
+    entry: int = 0,
 ) -> torch.Tensor:
     """idx_TK: the experts each token must be routed to, first choice first (synthetic routings)."""
     check_routing(routing)
     E, K, T = shape.num_experts, shape.top_k, num_tokens
-    gen = seeded_generator("targets", routing, seed, rank)
+    gen = seeded_generator("targets", routing, seed, rank, *_entry_parts(entry))
     if routing == "balanced":
         first_T = torch.arange(T) % E
         first_T = first_T[torch.randperm(T, generator=gen)]
@@ -103,10 +112,11 @@ def _orthonormal_directions(num_experts: int, model_dim: int, seed: int) -> torc
     return q_ME.T.contiguous()
 
 
-def _synthetic_tokens(u_EM: torch.Tensor, idx_TK: torch.Tensor, seed: int, rank: int, routing: str) -> torch.Tensor:
+def _synthetic_tokens(u_EM: torch.Tensor, idx_TK: torch.Tensor, seed: int, rank: int, routing: str,
+                      entry: int = 0) -> torch.Tensor:
     E, M = u_EM.shape
     T, K = idx_TK.shape
-    gen = seeded_generator("tokens", routing, seed, rank)
+    gen = seeded_generator("tokens", routing, seed, rank, *_entry_parts(entry))
     noise = torch.randn(T, E, generator=gen, dtype=torch.float64) * IN_SPAN_NOISE
     coef_TE = noise.clamp(-3 * IN_SPAN_NOISE, 3 * IN_SPAN_NOISE)
     # Target j (0-based) gets K - j + jitter: strictly decreasing with gaps >= 1 - TARGET_JITTER.
@@ -126,18 +136,39 @@ def make_layer_inputs(
     rank: int = 0,
     dtype: torch.dtype = torch.float32,
     zipf_s: float = ZIPF_S,
+    entry: int = 0,
 ) -> tuple[torch.Tensor, CanonicalWeights]:
-    """(x_TM, canonical weights) for one rank; bit-identical for the same arguments."""
+    """(x_TM, canonical weights) for one rank and pool entry; bit-identical for the same arguments."""
     check_routing(routing)
     if num_tokens <= 0:
         raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+    if not isinstance(entry, int) or entry < 0:
+        raise ValueError(f"pool entry must be a non-negative integer, got {entry!r}")
     weights = CanonicalWeights.random(shape, seed, dtype=torch.float64)
     if routing == "learned":
-        x_TM = torch.randn(num_tokens, shape.model_dim, generator=seeded_generator("learned", seed, rank),
-                           dtype=torch.float64)
+        gen = seeded_generator("learned", seed, rank, *_entry_parts(entry))
+        x_TM = torch.randn(num_tokens, shape.model_dim, generator=gen, dtype=torch.float64)
         return x_TM.to(dtype), weights.to(dtype=dtype)
     u_EM = _orthonormal_directions(shape.num_experts, shape.model_dim, seed)
     weights.gate_EM = GATE_SCALE * u_EM
-    idx_TK = sample_targets(shape, num_tokens, routing, seed, rank, zipf_s)
-    x_TM = _synthetic_tokens(u_EM, idx_TK, seed, rank, routing)
+    idx_TK = sample_targets(shape, num_tokens, routing, seed, rank, zipf_s, entry=entry)
+    x_TM = _synthetic_tokens(u_EM, idx_TK, seed, rank, routing, entry=entry)
     return x_TM.to(dtype), weights.to(dtype=dtype)
+
+
+def make_layer_input_pool(
+    shape: LayerShape,
+    num_tokens: int,
+    routing: str,
+    seed: int,
+    size: int,
+    rank: int = 0,
+    dtype: torch.dtype = torch.float32,
+    zipf_s: float = ZIPF_S,
+) -> tuple[list[torch.Tensor], CanonicalWeights]:
+    """([x_TM of entry 0..size-1], canonical weights): one set of weights, `size` distinct token
+    batches of the same regime (entry 0 is make_layer_inputs'); the same for every system."""
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"pool size must be a positive integer, got {size!r}")
+    pool = [make_layer_inputs(shape, num_tokens, routing, seed, rank, dtype, zipf_s, entry=p) for p in range(size)]
+    return [x_TM for x_TM, _ in pool], pool[0][1]

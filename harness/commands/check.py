@@ -1,4 +1,8 @@
-"""`moebench check`: every available system against torch_reference (equivalence before speed)."""
+"""`moebench check`: every available system against torch_reference (equivalence before speed).
+
+The table shows, per system and case, the relative errors of the output, the input gradient, the
+worst weight gradient (canonical layout) and l_aux, the tolerance applied, and under it the
+lower internal precision each system declares (harness/equivalence.py)."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.check import any_failed, default_cases, format_table, run_system_in_subprocess, write_json_atomic
+    from harness.check import any_failed, default_cases, results_table, run_system_in_subprocess, write_json_atomic
     from systems import availability, system_names
 
     names = system_names()
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(payload, indent=2))
     else:
-        print(format_table(results))
+        print(results_table(results))
         for name, reason in unavailable.items():
             print(f"{name}: unavailable ({reason})")
         print("all available systems pass" if payload["passed"] else "FAILED: see the rows above")

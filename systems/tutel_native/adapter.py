@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
-from systems.base import Availability, MoELayerAdapter, MoEOutput, MoESystem, RoutingStats
+from systems.base import (
+    Availability,
+    GradientsNotComparable,
+    MoELayerAdapter,
+    MoEOutput,
+    MoESystem,
+    RoutingStats,
+    grad_of,
+)
+from systems.peer_common import canonical_from_tutel_experts
 from systems.tutel_native.checkpoint import experts_from_canonical, shard_expert_tensor
 from systems.tutel_native.layer import MoELayer
 
@@ -26,6 +35,11 @@ OPTIONS = {
     "use_2dh": "2D hierarchical all-to-all (bool)",
     "local_size": "ranks per node for use_2dh (int)",
     "profile_phases": "measure per-phase wall time (bool; adds synchronisation)",
+    "expert_kernel": "expert GEMM kernel: 'auto' (default: oneDNN on CPU fp32, else mm), 'onednn' or 'mm'",
+    "expert_layout": "world-size-1 expert buffer layout: 'auto', 'live', 'grouped', 'max_fill' or 'capacity'",
+    "tune": "run the adaptive (r, d) tuner in the first forward, a warm-up step (bool; tuner.py)",
+    "tune_steps": "timed forward+backward steps per tuner candidate (int >= 1, default 3)",
+    "tune_warmup": "untimed steps per tuner candidate (int >= 0, default 1)",
 }
 
 
@@ -69,6 +83,10 @@ class TutelNativeLayer(MoELayerAdapter):
             seeds=(knobs.seed, knobs.seed + 1, None),
         ).to(knobs.torch_dtype)
         self.layer.phase_clock.enabled = bool(opts.get("profile_phases", False))
+        self.layer.expert_kernel = str(opts.get("expert_kernel", "auto"))
+        self.layer.expert_layout = str(opts.get("expert_layout", "auto"))
+        self.tune = bool(opts.get("tune", False))
+        self._tuning: dict | None = None
 
     def load_canonical(self, weights: CanonicalWeights) -> None:
         """Each rank takes its part exactly as a converted checkpoint would give it: whole
@@ -86,36 +104,80 @@ class TutelNativeLayer(MoELayerAdapter):
     def export_canonical(self) -> CanonicalWeights:
         """This rank's whole experts in canonical layout (the inverse of load_canonical) with the
         full gate. Sharded experts (ep > E) have no per-rank canonical form: gather a checkpoint."""
-        if self.sharded_count > 1:
-            raise ValueError("sharded experts: gather the ranks' checkpoints (checkpoint.gather) to export")
-        ex, E, M, H = self.layer.experts, self.num_local, self.shape.model_dim, self.shape.ffn_dim
         with torch.no_grad():
-            gate = self.layer.gates[0]
-            if not hasattr(gate, "wg"):
-                raise ValueError("a cosine_top gate has no canonical (linear) form to export")
-            gate_EM = gate.wg.weight.detach().clone()
-            if self.shape.activation == "swiglu":
-                return CanonicalWeights(
-                    gate_EM=gate_EM,
-                    w1_EHM=ex.W_fc1.detach().view(E, M, H).transpose(1, 2).contiguous(),
-                    w3_EHM=ex.W_fc2.detach().view(E, M, H).transpose(1, 2).contiguous(),
-                    w2_EHM=ex.W_fc3.detach().view(E, H, M).clone(),
-                )
-            bias = ex.batched_fc1_bias is not None
-            return CanonicalWeights(
-                gate_EM=gate_EM,
-                w1_EHM=ex.batched_fc1_w.detach().clone(),
-                w2_EHM=ex.batched_fc2_w.detach().clone(),
-                b1_EH=ex.batched_fc1_bias.detach().clone() if bias else None,
-                b2_EM=ex.batched_fc2_bias.detach().clone() if bias else None,
-            )
+            return self._to_canonical(lambda t: None if t is None else t.detach().clone(), "export")
+
+    def canonical_gradients(self) -> CanonicalWeights:
+        return self._to_canonical(grad_of, "compare gradients")
+
+    def _to_canonical(self, take, what: str) -> CanonicalWeights:
+        if self.sharded_count > 1:
+            raise GradientsNotComparable(f"sharded experts (ep {self.parallel.ep} > E {self.shape.num_experts}): "
+                                         f"gather the ranks' checkpoints (checkpoint.gather) to {what}")
+        gate = self.layer.gates[0]
+        if not hasattr(gate, "wg"):
+            raise GradientsNotComparable("a cosine_top gate has no canonical (linear) form")
+        ex = self.layer.experts
+        names = ("W_fc1", "W_fc2", "W_fc3", "batched_fc1_w", "batched_fc2_w", "batched_fc1_bias", "batched_fc2_bias")
+        tensors = {n: take(getattr(ex, n)) for n in names if getattr(ex, n, None) is not None}
+        return canonical_from_tutel_experts(tensors, self.shape.activation, self.num_local, self.shape.model_dim,
+                                            self.shape.ffn_dim, take(gate.wg.weight))
+
+    def local_experts(self) -> tuple[int, int]:
+        return self.ep_rank * self.num_local, self.num_local
+
+    def aux_loss_mismatch(self) -> str:
+        gate = self.knobs.options.get("gate", "top")
+        return "" if gate == "top" else f"gate {gate!r} has its own loss"
 
     def forward(self, x_TM: torch.Tensor, **kwargs) -> MoEOutput:
         """``kwargs`` pass through to the layer (capacity_factor, top_k, ... at run time)."""
+        if self.tune and self._tuning is None:
+            self._run_tuner(x_TM)
         y_TM = self.layer(x_TM, **kwargs)
         return MoEOutput(y_TM, y_TM.l_aux)
 
+    def _run_tuner(self, x_TM: torch.Tensor) -> None:
+        """Option tune: time every valid (adaptive r, overlap d) on this input and keep the fastest.
+
+        Runs inside the first forward, which the trial makes a warm-up step, so the
+        timed steps all use the chosen setting. A tuner step is this layer's forward +
+        backward (torch.autograd.grad: nothing accumulates into .grad); every rank runs
+        the same candidates in the same order and the slowest rank's time decides.
+        """
+        import time
+
+        from systems.tutel_native.tuner import AdaptiveTuner, candidates_for_layer
+
+        opts = self.knobs.options
+        tuner = AdaptiveTuner(candidates_for_layer(self.layer), warmup_steps=int(opts.get("tune_warmup", 1)),
+                              measure_steps=int(opts.get("tune_steps", 3)), logger=lambda line: None)
+        x = x_TM.detach().requires_grad_(x_TM.requires_grad)
+        inputs = ([x] if x.requires_grad else []) + [p for p in self.layer.parameters() if p.requires_grad]
+        started = time.perf_counter()
+        with torch.enable_grad():
+            while not tuner.done:
+                with tuner.step() as candidate:
+                    y = self.layer(x, **candidate.forward_kwargs())
+                    if inputs:
+                        torch.autograd.grad(y, inputs, torch.ones_like(y), allow_unused=True)
+        chosen = tuner.chosen
+        self.layer.adaptive_r, self.layer.a2a_ffn_overlap_degree = chosen.adaptive_r, chosen.overlap_degree
+        self._tuning = {
+            "tuner": "adaptive (r, d), systems/tutel_native/tuner.py",
+            "where": "first forward (a warm-up step); score = median forward+backward of this layer, max over ranks",
+            "warmup_steps": tuner.warmup_steps, "measure_steps": tuner.measure_steps,
+            "candidates": tuner.report(), "chosen": chosen.forward_kwargs(), "log": list(tuner.lines),
+            "wall_s": time.perf_counter() - started,
+        }
+
+    def tuning_report(self) -> dict | None:
+        return self._tuning
+
     def routing_stats(self) -> RoutingStats:
+        """Read off the layer's StepStats. Inside forward the layer keeps only what routing itself
+        needs, plus its StepStats record (one small host copy of the per-expert counts, which its
+        own planner reads); the l_aux host sync happens here."""
         stats = self.layer.last_stats
         if stats is None:
             raise RuntimeError("routing_stats() called before the first forward")
@@ -145,6 +207,17 @@ class TutelNative(MoESystem):
         gate = knobs.options.get("gate", "top")
         if gate not in ("top", "cosine_top"):
             return Availability.no(f"gate must be 'top' or 'cosine_top', got {gate!r}")
+        from systems.tutel_native.expert_ops import KERNELS
+        from systems.tutel_native.layer import LAYOUTS
+
+        for key, allowed in (("expert_kernel", KERNELS), ("expert_layout", LAYOUTS)):
+            value = knobs.options.get(key, "auto")
+            if value not in allowed:
+                return Availability.no(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+        for key, least in (("tune_steps", 1), ("tune_warmup", 0)):
+            value = knobs.options.get(key, least)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                return Availability.no(f"{key} must be an integer >= {least}, got {value!r}")
         if parallel.world_size > 1:
             try:
                 from systems.tutel_native import parallel as _parallel  # noqa: F401
