@@ -15,15 +15,15 @@ from pathlib import Path
 
 from harness import schema, stats
 from harness.errors import UsageError
+from harness.identity import differences, system_label, work_identity, work_key
+from harness.tables import markdown_table
 
 KEY_COLUMNS = ["workload", "flavor", "level", "mode", "routing", "ws", "ep", "dtype", "cf"]
+ROW_KEY = [*KEY_COLUMNS, "work"]  # the work key separates rows whose visible columns agree but whose work differs
 DEFAULT_BASELINES = ("tutel_native", "torch_reference")
 CHECK_FAILED_MARK = "†"
 CROSS_RUN_MARK = "‡"
 MISSING = "—"
-CONFIDENCE = 0.95
-N_BOOT = 2000
-BOOT_SEED = 0
 LOG_SCALE_RANGE = 30  # use a log y-axis when the slowest bar is this many times the fastest
 
 
@@ -77,14 +77,6 @@ def _median_calibration_ms(rounds: list[dict]) -> float | None:
     return None if not values else stats.summarize(values)["median"] * 1000.0
 
 
-def _system_label(trial: dict) -> str:
-    """The system's name, with its options when set (tutel_native[adaptive_r=0]): each variant is a column."""
-    options = (trial.get("knobs") or {}).get("options") or {}
-    if not options:
-        return trial["system"]
-    return f"{trial['system']}[{','.join(f'{k}={options[k]}' for k in sorted(options))}]"
-
-
 def _trial_row(doc: dict, trial: dict) -> dict:
     summary = trial.get("summary") or {}
     check = trial.get("check")
@@ -92,7 +84,8 @@ def _trial_row(doc: dict, trial: dict) -> dict:
     to_ms = 1000.0
     return {
         "run_id": doc["run_id"], "created_utc": doc["created_utc"], "id": trial["id"],
-        "system": _system_label(trial),
+        "system": system_label(trial), "work": trial.get("work_key") or work_key(trial),
+        "identity": work_identity(trial), "rounds": list(trial.get("rounds") or []),
         "workload": trial["workload"], "flavor": trial["flavor"], "level": trial["level"], "mode": trial["mode"],
         "routing": trial["routing"], "ws": trial["parallel"]["world_size"], "ep": trial["parallel"]["ep"],
         "dtype": trial["dtype"], "cf": _format_cf(trial.get("knobs")), "status": trial["status"],
@@ -113,7 +106,9 @@ def _trial_row(doc: dict, trial: dict) -> dict:
 
 
 def trials_frame(docs: list[dict]):
-    """All trials as one pandas frame; when a trial id appears in several runs the newest run wins.
+    """All trials as one pandas frame. A trial id hashes the trial's whole identity (harness/identity.py),
+    so only the *same* experiment repeated in a newer run supersedes an older one; different work
+    never merges.
 
     Returns (frame, number of superseded trials).
     """
@@ -149,14 +144,43 @@ def _row_keys(frame) -> list[tuple]:
     def natural(key: tuple) -> tuple:  # numbers by value (ws 2 before ws 16), words alphabetically
         return tuple((0, v, "") if isinstance(v, int | float) else (1, 0, str(v)) for v in key)
 
-    return sorted({tuple(r) for r in frame[KEY_COLUMNS].itertuples(index=False)}, key=natural)
+    return sorted({tuple(r) for r in frame[ROW_KEY].itertuples(index=False)}, key=natural)
 
 
 def _by_key(frame) -> dict[tuple, dict[str, dict]]:
     table: dict[tuple, dict[str, dict]] = {}
     for record in frame.to_dict("records"):
-        table.setdefault(tuple(record[c] for c in KEY_COLUMNS), {})[record["system"]] = record
+        table.setdefault(tuple(record[c] for c in ROW_KEY), {})[record["system"]] = record
     return table
+
+
+def _ambiguous(frame) -> set[tuple]:
+    """Visible keys (KEY_COLUMNS) shared by rows of different work: those rows name their work key."""
+    counts: dict[tuple, set] = {}
+    for key in _row_keys(frame):
+        counts.setdefault(key[:-1], set()).add(key[-1])
+    return {visible for visible, works in counts.items() if len(works) > 1}
+
+
+def display_key(key: tuple, ambiguous: set[tuple]) -> list[str]:
+    cells = [str(v) for v in key[:-1]]
+    if key[:-1] in ambiguous:
+        cells[0] += f" (work {key[-1][:8]})"
+    return cells
+
+
+def setup_notes(frame) -> list[str]:
+    """One line per group of rows whose visible columns agree but whose work differs, naming the difference:
+    they are different experiments and are never merged."""
+    notes = []
+    for visible in sorted(_ambiguous(frame), key=str):
+        rows = frame[[tuple(r) == visible for r in frame[KEY_COLUMNS].itertuples(index=False)]]
+        firsts = rows.drop_duplicates(subset="work")
+        diff = differences(list(firsts["identity"]))
+        named = "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in diff.items()) or "unrecorded fields"
+        notes.append(f"- {'/'.join(map(str, visible))}: {len(firsts)} different setups shown as separate rows "
+                     f"(work {', '.join(w[:8] for w in firsts['work'])}); they differ in {named}.")
+    return notes
 
 
 def iteration_cell(record: dict | None) -> str:
@@ -170,8 +194,9 @@ def iteration_cell(record: dict | None) -> str:
 
 def iteration_table(frame, systems: list[str]) -> list[list[str]]:
     """Rows of display strings: key columns then one cell per system."""
-    by_key = _by_key(frame)
-    return [[str(v) for v in key] + [iteration_cell(by_key[key].get(s)) for s in systems] for key in _row_keys(frame)]
+    by_key, ambiguous = _by_key(frame), _ambiguous(frame)
+    return [display_key(key, ambiguous) + [iteration_cell(by_key[key].get(s)) for s in systems]
+            for key in _row_keys(frame)]
 
 
 @dataclass
@@ -181,9 +206,19 @@ class SpeedupCell:
     ci_low: float | None = None
     ci_high: float | None = None
     marked: bool = False
+    paired: stats.PairedRatio | None = None
+    verdict: str = ""  # "faster" | "slower" | "no difference shown" | "too few rounds" | "unpaired" | ""
+
+
+def _verdict(paired: stats.PairedRatio) -> str:
+    if not paired.has_interval:
+        return stats.TOO_FEW_ROUNDS
+    return "faster" if paired.above_one() else "slower" if paired.below_one() else "no difference shown"
 
 
 def speedup_cell(base: dict | None, record: dict | None, is_baseline: bool, include_unchecked: bool) -> SpeedupCell:
+    """Paired speedup (harness/stats.py speedup, the run summary's too); the ratio is bold only where its
+    interval lies wholly on one side of 1."""
     if record is None:
         return SpeedupCell(MISSING)
     if record["status"] != "ok":
@@ -196,15 +231,21 @@ def speedup_cell(base: dict | None, record: dict | None, is_baseline: bool, incl
     if unchecked and not include_unchecked:
         return SpeedupCell("check failed" if record["check_passed"] is False else "baseline check failed")
     mark = f" {CHECK_FAILED_MARK}" if unchecked else ""
-    if base["run_id"] != record["run_id"]:
-        mark += f" {CROSS_RUN_MARK}"
     if is_baseline:
         return SpeedupCell(f"1.00 (baseline){mark}", 1.0, 1.0, 1.0, unchecked)
-    ratio = base["median_ms"] / record["median_ms"]
-    if min(len(base["samples_s"]), len(record["samples_s"])) < 2:
-        return SpeedupCell(f"{ratio:.2f}{mark}", ratio, None, None, unchecked)
-    low, high = stats.bootstrap_ratio_ci(base["samples_s"], record["samples_s"], CONFIDENCE, N_BOOT, BOOT_SEED)
-    return SpeedupCell(f"{ratio:.2f} [{low:.2f}, {high:.2f}]{mark}", ratio, low, high, unchecked)
+    if base["run_id"] != record["run_id"]:
+        ratio = base["median_ms"] / record["median_ms"]
+        return SpeedupCell(f"{ratio:.2f} unpaired {CROSS_RUN_MARK}{mark}", ratio, None, None, unchecked,
+                           verdict="unpaired")
+    paired = stats.speedup(base, record)
+    if paired.ratio is None:
+        return SpeedupCell(f"no common round{mark}", marked=unchecked, paired=paired)
+    verdict = _verdict(paired)
+    ratio_text = f"**{paired.ratio:.2f}**" if verdict in ("faster", "slower") else f"{paired.ratio:.2f}"
+    text = f"{ratio_text} {paired.interval_text()}"
+    if paired.p_value is not None:
+        text += f" p={paired.p_value:.2g}"
+    return SpeedupCell(text + mark, paired.ratio, paired.ci_low, paired.ci_high, unchecked, paired, verdict)
 
 
 def speedup_cells(frame, systems: list[str], baseline: str, include_unchecked: bool) -> dict[tuple, dict]:
@@ -214,15 +255,6 @@ def speedup_cells(frame, systems: list[str], baseline: str, include_unchecked: b
               for s in systems}
         for key in _row_keys(frame)
     }
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-
-    def line(cells):
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 # ---------------------------------------------------------------- footers
@@ -272,8 +304,10 @@ def provenance(docs: list[dict], frame, superseded: int, report_command: list[st
         count = int((frame["run_id"] == doc["run_id"]).sum())
         lines.append(f"- run `{doc['run_id']}` ({doc['created_utc']}, {count} trial(s) shown): "
                      f"`{shlex.join(doc['command_line'])}`")
+    lines += setup_notes(frame)
     if superseded:
-        lines.append(f"- {superseded} trial(s) also appeared in an older run; the newest run's result is shown.")
+        lines.append(f"- {superseded} trial(s) also appeared in an older run (the same trial id: identical work, "
+                     "system and method); the newest run's result is shown.")
     else:
         lines.append("- When several runs contain the same trial id, the newest run's result is shown (none here).")
     if report_command:
@@ -290,10 +324,14 @@ ITERATION_LEGEND = (
 
 
 def speedup_legend(baseline: str, include_unchecked: bool) -> str:
-    text = (f"Speedup = {baseline} median / system median (above 1: faster than {baseline}); [low, high] is a "
-            f"{CONFIDENCE:.0%} percentile-bootstrap interval of that ratio of medians ({N_BOOT} resamples, "
-            f"seed {BOOT_SEED}; shown when both trials have at least 2 samples). {CROSS_RUN_MARK}: baseline and "
-            "system come from different runs, so they were not interleaved on the machine; trust such ratios less. ")
+    text = (f"Speedup = {baseline} time / system time (above 1: faster than {baseline}), the geometric mean of "
+            "the per-round ratios of round medians over the rounds both trials completed in one interleaved run; "
+            f"[low, high] is a {stats.CONFIDENCE:.0%} bootstrap interval over rounds (BCa, {stats.N_RESAMPLES} "
+            f"resamples, seed {stats.BOOT_SEED}); '{stats.TOO_FEW_ROUNDS}' below {stats.MIN_PAIRS_FOR_INTERVAL} "
+            f"pairs; p = two-sided Wilcoxon signed-rank test from {stats.MIN_PAIRS_FOR_WILCOXON} pairs. A ratio is "
+            "**bold** only where its whole interval lies on one side of 1; otherwise no difference is shown. "
+            f"'unpaired {CROSS_RUN_MARK}': baseline and system come from different runs, so no rounds pair up; the "
+            "ratio of pooled medians is shown without an interval. ")
     if include_unchecked:
         return text + f"{CHECK_FAILED_MARK}: the output failed the equivalence check; shown on request anyway."
     return text + ("'check failed': left out because its output differed from the reference "
@@ -303,7 +341,7 @@ def speedup_legend(baseline: str, include_unchecked: bool) -> str:
 # ---------------------------------------------------------------- chart
 
 def _tick_label(key: tuple) -> str:
-    row = dict(zip(KEY_COLUMNS, key, strict=True))
+    row = dict(zip(ROW_KEY, key, strict=True))
     cf = row["cf"] if row["cf"] == "dropless" else f"cf{row['cf']}"
     return (f"{row['workload']}/{row['flavor']}\n{row['level']} {row['mode']}\n"
             f"{row['routing']} ws{row['ws']}-ep{row['ep']} {row['dtype']} {cf}")
@@ -370,7 +408,7 @@ def choose_baseline(frame, requested: str | None) -> str | None:
 
 
 def _csv_iteration(frame):
-    columns = ["id", *KEY_COLUMNS, "system", "status", "n", "median_ms", "q1_ms", "q3_ms", "iqr_ms", "outliers",
+    columns = ["id", *KEY_COLUMNS, "work", "system", "status", "n", "median_ms", "q1_ms", "q3_ms", "iqr_ms", "outliers",
                "calibration_ms", "tokens_per_s", "useful_tflops", "executed_tflops", "check_passed", "run_id",
                "created_utc", "message"]
     table = frame[columns].sort_values(["id"])
@@ -380,12 +418,18 @@ def _csv_iteration(frame):
 def _csv_speedup(cells: dict, baseline: str):
     import pandas as pd
 
-    rows = [dict(zip(KEY_COLUMNS, key, strict=True)) | {
+    def paired(cell, name):
+        return None if cell.paired is None else getattr(cell.paired, name)
+
+    rows = [dict(zip(ROW_KEY, key, strict=True)) | {
         "system": system, "baseline": baseline, "speedup": cell.speedup, "ci_low": cell.ci_low,
-        "ci_high": cell.ci_high, "check_failed_shown": cell.marked, "cell": cell.text}
+        "ci_high": cell.ci_high, "pairs": paired(cell, "n_pairs"), "p_value": paired(cell, "p_value"),
+        "noise": paired(cell, "noise"), "interval_method": paired(cell, "interval_method"),
+        "verdict": cell.verdict, "check_failed_shown": cell.marked, "cell": cell.text}
         for key, per_system in cells.items() for system, cell in per_system.items()]
-    return pd.DataFrame(rows, columns=[*KEY_COLUMNS, "system", "baseline", "speedup", "ci_low", "ci_high",
-                                       "check_failed_shown", "cell"])
+    return pd.DataFrame(rows, columns=[*ROW_KEY, "system", "baseline", "speedup", "ci_low", "ci_high", "pairs",
+                                       "p_value", "noise", "interval_method", "verdict", "check_failed_shown",
+                                       "cell"])
 
 
 def build_report(options: ReportOptions) -> Report:
@@ -411,7 +455,8 @@ def build_report(options: ReportOptions) -> Report:
         cells = {}
     else:
         cells = speedup_cells(frame, systems, baseline, options.include_unchecked)
-        rows = [[str(v) for v in key] + [cells[key][s].text for s in systems] for key in cells]
+        ambiguous = _ambiguous(frame)
+        rows = [display_key(key, ambiguous) + [cells[key][s].text for s in systems] for key in cells]
         speedup_md = "\n\n".join([
             f"# {options.title}: speedup over {baseline}", markdown_table(header, rows),
             speedup_legend(baseline, options.include_unchecked), footer]) + "\n"

@@ -6,7 +6,7 @@ a slow spell on a shared machine hits every system rather than one. Each
 round has a timeout after which its whole process tree is killed (SIGTERM,
 then SIGKILL after a grace period): the child runs in its own session, and
 torchrun puts every worker in a session of its own too, so the tree is
-collected from /proc before anything is signalled. A round that fails never
+collected before anything is signalled (harness/procs.py). A round that fails never
 stops the run; on one node, a trial whose round did not succeed runs no
 further rounds (its failure is deterministic and a timeout is expensive).
 Multi-node runs keep every node on the same schedule and so run every round.
@@ -14,10 +14,7 @@ Multi-node runs keep every node on the same schedule and so run every round.
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from harness import procs
 from harness.launch import REPO_DIR, LaunchConfig, child_env, trial_command
 from harness.report import DEFAULT_BASELINES as BASELINE_PREFERENCE  # same choice as the reports
 from harness.trial_spec import TrialSpec
 
-GRACE_S = 5.0  # between SIGTERM and SIGKILL
+GRACE_S = procs.GRACE_S  # between SIGTERM and SIGKILL
 STDERR_TAIL_LINES = 8
 
 
@@ -39,69 +37,14 @@ class RunOptions:
     node_rank: int = 0
     rdzv_endpoint: str | None = None
     grace_s: float = GRACE_S
+    order_seed: int = 0  # seeds the random order of trials inside each round (round_orders)
     progress: TextIO = field(default_factory=lambda: sys.stderr)
 
 
 # ----------------------------------------------------------------- processes
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, parent pid) from /proc, or None when the process is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = text[text.rindex(")") + 2:].split()  # the command name may contain spaces
-    return fields[0], int(fields[1])
-
-
-def is_alive(pid: int) -> bool:
-    """Running or sleeping (a zombie has finished: it only waits to be reaped)."""
-    stat = _proc_stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid`, from one scan of /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _proc_stat(int(entry.name))
-            if stat is not None:
-                children.setdefault(stat[1], []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _signal_all(pids: set[int], sig: int) -> None:
-    own_group = os.getpgrp()
-    for pid in pids:
-        try:
-            pgid = os.getpgid(pid)
-            if pgid != own_group:
-                os.killpg(pgid, sig)
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            continue
-
-
-def kill_tree(proc: subprocess.Popen, grace_s: float = GRACE_S) -> None:
-    """SIGTERM the child's tree (every process group in it), SIGKILL what is left after grace_s."""
-    pids = {proc.pid} | descendants(proc.pid)
-    _signal_all(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        pids |= descendants(proc.pid) if proc.poll() is None else set()
-        if not any(is_alive(p) for p in pids):
-            break
-        time.sleep(0.05)
-    pids |= descendants(proc.pid) if proc.poll() is None else set()
-    _signal_all({p for p in pids if is_alive(p)}, signal.SIGKILL)
-    proc.wait()
+# The launch-and-reap path lives in harness/procs.py; these names stay importable from here.
+kill_tree, is_alive, descendants = procs.kill_tree, procs.is_alive, procs.descendants
 
 
 def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
@@ -138,16 +81,9 @@ def run_round(spec: TrialSpec, workdir: Path, sequence: int, options: RunOptions
     argv = trial_command(config, spec_path, out_path, sequence, spec.timeout_s)
     started = time.monotonic()
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-        proc = subprocess.Popen(argv, cwd=REPO_DIR, env=child_env(config), stdout=out, stderr=err,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=spec.timeout_s)
-        except subprocess.TimeoutExpired:
-            kill_tree(proc, options.grace_s)
-            rc = None
-        except BaseException:  # Ctrl-C: the child's own session does not get the terminal's SIGINT
-            kill_tree(proc, options.grace_s)
-            raise
+        # timeout or Ctrl-C: the whole tree (torchrun and its workers) is killed; Ctrl-C is re-raised
+        rc = procs.run(argv, spec.timeout_s, grace_s=options.grace_s, cwd=REPO_DIR, env=child_env(config),
+                       stdout=out, stderr=err).returncode
     wall = time.monotonic() - started
     result = _read_result(out_path, workdir, tag)
     if rc is None:
@@ -181,9 +117,48 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def planned_threads(spec: TrialSpec) -> int:
+    """Threads each rank will run with (as asked, else this node's cores shared by its ranks)."""
+    return launch_config(spec, RunOptions()).threads()
+
+
+def trial_setup(spec: TrialSpec) -> dict:
+    """The method settings that change what a trial measures (part of its identity, harness/identity.py)."""
+    return {"device": spec.knobs.device, "warmup": spec.warmup, "steps": spec.steps, "malloc": spec.malloc,
+            "threads_per_rank": planned_threads(spec), "nnodes": spec.parallel.nnodes,
+            "input_pool": spec.input_pool}
+
+
+def _round_entry(number: int, result: dict) -> dict:
+    check = result.get("check")
+    return {"round": number, "status": result["status"], "median_s": _median(result["samples_s"]),
+            "position": result.get("position"), "sequence": result.get("sequence"),
+            "check_passed": None if check is None else bool(check.get("passed")),
+            "calibration_before_s": result.get("calibration_before_s"),
+            "calibration_after_s": result.get("calibration_after_s"), "wall_s": result["wall_s"],
+            "load_before": result.get("load_before"), "load_after": result.get("load_after"),
+            "threads_measured": result.get("threads_measured"), "tuning": result.get("tuning")}
+
+
+def _combined_check(rounds: list[dict]) -> dict | None:
+    """Round 0's full check, failed if any later round's checksum verification failed."""
+    checks = [(i + 1, r["check"]) for i, r in enumerate(rounds) if r.get("check") is not None]
+    if not checks:
+        return None
+    first = dict(checks[0][1])
+    failed = [number for number, c in checks[1:] if not c.get("passed")]
+    first["rounds_checked"] = [number for number, _ in checks]
+    if failed:
+        first["passed"] = False
+        note = f"checksum verification failed in round(s) {', '.join(map(str, failed))}"
+        first["note"] = "; ".join(n for n in (first.get("note"), note) if n)
+    return first
+
+
 def trial_record(spec: TrialSpec, rounds: list[dict]) -> dict:
-    """The results file's trial dict: samples pooled over the successful rounds."""
-    from harness.schema import trial_id
+    """The results file's trial dict. Comparisons use its per-round medians (paired by round,
+    harness/stats.py); samples pooled over the successful rounds describe the trial."""
+    from harness.identity import trial_id, work_key
     from harness.stats import summarize
 
     ok = [r for r in rounds if r["status"] == "ok" and not r.get("remote")]
@@ -217,24 +192,19 @@ def trial_record(spec: TrialSpec, rounds: list[dict]) -> dict:
         "workload_spec": spec.workload.to_dict(),
         "parallel": {**dataclasses.asdict(spec.parallel), "dp": spec.parallel.dp},
         "knobs": dataclasses.asdict(spec.knobs), "dtype": spec.knobs.dtype, "seed": spec.knobs.seed,
+        "setup": trial_setup(spec),
         "status": status, "message": message,
         "samples_s": samples, "per_rank_samples_s": per_rank,
-        "rounds": [
-            {"round": i + 1, "status": r["status"], "median_s": _median(r["samples_s"]),
-             "calibration_before_s": r.get("calibration_before_s"),
-             "calibration_after_s": r.get("calibration_after_s"), "wall_s": r["wall_s"],
-             "load_before": r.get("load_before"), "load_after": r.get("load_after")}
-            for i, r in enumerate(rounds)
-        ],
+        "rounds": [_round_entry(i + 1, r) for i, r in enumerate(rounds)],
         "summary": summary, "throughput": throughput,
         "flops": flops, "routing_stats": last.get("routing_stats"),
         "phase_times_s": _median_phases([r.get("phase_times_s") for r in ok]),
-        "check": next((r["check"] for r in rounds if r.get("check") is not None), None),
+        "tuning": last.get("tuning"),  # the last round's; every round's is in its round entry
+        "check": _combined_check(rounds),
         "peak_memory_bytes": max(memory) if memory else None,
         "timer": last.get("timer"), "threads_per_rank": last.get("threads"),
     }
-    record["id"] = trial_id(record)
-    return {"id": record.pop("id"), **record}
+    return {"id": trial_id(record), "work_key": work_key(record), **record}
 
 
 def _median_phases(per_round: list[dict | None]) -> dict | None:
@@ -252,9 +222,12 @@ def skipped_record(spec: TrialSpec, reason: str) -> dict:
 # ----------------------------------------------------------------- the run
 
 def describe(spec: TrialSpec) -> str:
+    from harness.identity import system_label
+
     ws = spec.parallel.world_size
     where = f" ws{ws}-ep{spec.parallel.ep}" if ws > 1 else ""
-    return f"{spec.system} {spec.workload.name}/{spec.workload.flavor} {spec.level} {spec.mode}{where}"
+    label = system_label({"system": spec.system, "knobs": {"options": spec.knobs.options}})
+    return f"{label} {spec.workload.name}/{spec.workload.flavor} {spec.level} {spec.mode}{where}"
 
 
 def _outcome(result: dict) -> str:
@@ -269,21 +242,42 @@ def _outcome(result: dict) -> str:
     return f"{result['status']}: {first_line}"
 
 
+def round_orders(n_trials: int, repeats: int, seed: int) -> list[list[int]]:
+    """The order of the trials inside each round: a fresh seeded random permutation per round,
+    so a trial's position in the round (first after a cold start, last after a hot one) is not
+    confounded with the system. The same (n, repeats, seed) always gives the same orders."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [[int(i) for i in rng.permutation(n_trials)] for _ in range(repeats)]
+
+
 def run_trials(specs: list[TrialSpec], options: RunOptions) -> list[dict]:
-    """Every spec for options.repeats interleaved rounds; one trial record per spec, in order."""
+    """Every spec for options.repeats interleaved rounds, in a seeded random order inside each round;
+    one trial record per spec, in the order given."""
     n, repeats = len(specs), options.repeats
     rounds: list[list[dict]] = [[] for _ in specs]
     stopped: set[int] = set()
+    verified: dict[int, dict] = {}  # trial -> checksums its first round verified against the reference
     multi_node = any(s.parallel.nnodes > 1 for s in specs)
+    orders = round_orders(n, repeats, options.order_seed)
     with tempfile.TemporaryDirectory(prefix="moebench-") as tmp:
-        for r in range(repeats):
-            for i, spec in enumerate(specs):
-                sequence = r * n + i
+        for r, order in enumerate(orders):
+            for position, i in enumerate(order):
+                spec = specs[i]
+                sequence = r * n + position
                 if i in stopped:
                     continue
-                round_spec = spec.with_changes(check=spec.check and r == 0, launcher_node_rank=options.node_rank)
+                first = r == 0
+                round_spec = spec.with_changes(check=spec.check and first,
+                                               verify=None if first else verified.get(i),
+                                               launcher_node_rank=options.node_rank)
                 result = run_round(round_spec, Path(tmp), sequence, options)
+                result.update(position=position, sequence=sequence)
                 rounds[i].append(result)
+                checksum = (result.get("check") or {}).get("checksum")
+                if first and checksum is not None and result["check"].get("passed"):
+                    verified[i] = checksum
                 print(f"[{sequence + 1}/{n * repeats}] {describe(spec)} ... {_outcome(result)}",
                       file=options.progress, flush=True)
                 if result["status"] != "ok" and not multi_node:
@@ -297,17 +291,38 @@ MALLOC_NOTES = {
     "system": "host allocator: glibc defaults",
 }
 
+COMPARISON_NOTE = (
+    "comparisons: paired per-round ratios of round medians (rounds in which both trials succeeded); speedup = "
+    "geometric mean of baseline/system round ratios; interval = {confidence:.0%} bootstrap over rounds "
+    "(scipy.stats.bootstrap, BCa on the mean log-ratio, {resamples} resamples, seed {seed}); no interval below "
+    "{min_pairs} pairs ('too few rounds'); Wilcoxon signed-rank p-value from {min_wilcoxon} pairs; noise = stdev "
+    "of the per-round log-ratios")
 
-def method(warmup: int, steps: int, rounds: int, timer: str = "perf_counter", malloc: str = "reuse") -> dict:
+
+def comparison_note() -> str:
+    from harness import stats
+
+    return COMPARISON_NOTE.format(confidence=stats.CONFIDENCE, resamples=stats.N_RESAMPLES, seed=stats.BOOT_SEED,
+                                  min_pairs=stats.MIN_PAIRS_FOR_INTERVAL, min_wilcoxon=stats.MIN_PAIRS_FOR_WILCOXON)
+
+
+def method(warmup: int, steps: int, rounds: int, timer: str = "perf_counter", malloc: str = "reuse",
+           order_seed: int = 0, orders: list[list[str]] | None = None) -> dict:
     from harness.timing import CALIBRATION_DESCRIPTION
 
     return {
         "timer": timer, "warmup": warmup, "steps": steps, "rounds": rounds, "interleaved": True,
         "calibration": CALIBRATION_DESCRIPTION,
-        "notes": ("each trial round in a fresh process; rounds interleave the systems; step time = slowest "
-                  "rank's (barrier before each timed step); backward uses a fixed contiguous upstream "
-                  "gradient; forward mode = forward half of a training step (autograd on); model level "
-                  "optimizer = AdamW, fused kernel where the device has one; samples pooled over successful "
+        "order": {"policy": "seeded random permutation of the trials inside each round", "seed": order_seed,
+                  "per_round": orders},
+        "comparison": comparison_note(),
+        "notes": ("each trial round in a fresh process; rounds interleave the systems in a seeded random order "
+                  f"(seed {order_seed}); step time = slowest rank's (barrier before each timed step); each timed "
+                  "step takes the next batch of a fixed seeded input pool shared by all systems; backward uses a "
+                  "fixed contiguous upstream gradient; forward mode = forward half of a training step (autograd "
+                  "on); model level optimizer = AdamW, fused kernel where the device has one; equivalence: full "
+                  "check against torch_reference in each trial's first round, checksum of the verified values in "
+                  "every later round; summary statistics pool the steps of successful rounds, comparisons pair "
                   f"rounds; {MALLOC_NOTES[malloc]}"),
     }
 
@@ -331,45 +346,55 @@ def default_baseline(trials: list[dict]) -> str:
 
 
 def format_table(trials: list[dict], baseline: str | None = None) -> str:
-    """system x workload: median ms, IQR, speedup vs the baseline in the same run, check verdict.
+    """One row per trial: median ms, IQR, and the paired speedup over the baseline in the same work.
 
-    A system whose equivalence check failed gets no speedup ("check failed"): its time is not
-    comparable work."""
+    The speedup and its interval come from harness/stats.py speedup() on the per-round medians, the
+    same function the reports use, so the two always agree. A system whose equivalence check failed
+    gets no speedup ("check failed"): its time is not comparable work."""
+    from harness import stats
+    from harness.identity import system_label, work_key
+    from harness.tables import text_table
+
     baseline = baseline or default_baseline(trials)
     header = ("workload", "level/mode", "capacity", "parallel", "system", "status", "median ms", "IQR ms",
-              "speedup", "check", "calib ms")
-    rows = []
-    groups: dict[tuple, list[dict]] = {}
+              "speedup", "95% CI", "rounds", "check", "calib ms")
+    rows, notes = [], []
+    groups: dict[str, list[dict]] = {}
     for t in trials:
-        key = (t["workload"], t["flavor"], t["level"], t["mode"], t["routing"], t["dtype"],
-               t["knobs"]["capacity_factor"], t["parallel"]["world_size"], t["parallel"]["ep"])
-        groups.setdefault(key, []).append(t)
-    notes = []
-    for key, group in groups.items():
+        groups.setdefault(t.get("work_key") or work_key(t), []).append(t)
+    for group in groups.values():
         timed = [t for t in group if t["summary"]]
-        base = next((t for t in timed if t["system"] == baseline), timed[0] if timed else None)
+        base = next((t for t in timed if t["system"] == baseline and not t["knobs"]["options"]),
+                    next((t for t in timed if t["system"] == baseline), timed[0] if timed else None))
         if base is not None and base["system"] != baseline:
-            notes.append(f"{key[0]}: baseline is {base['system']} ({baseline} has no timing)")
+            notes.append(f"{group[0]['workload']}: baseline is {system_label(base)} ({baseline} has no timing)")
         for t in group:
             summary = t["summary"]
-            median = summary["median"] if summary else None
             check = "-" if t["check"] is None else ("pass" if t["check"]["passed"] else "FAIL")
-            speedup = f"{base['summary']['median'] / median:.2f}x" if (summary and base) else "-"
+            speedup, interval, pairs = "-", "-", "-"
+            if summary and base is not None:
+                paired = stats.speedup(base, t)
+                pairs = str(paired.n_pairs)
+                if t is base:
+                    speedup, interval = "1.00x", "baseline"
+                elif paired.ratio is not None:
+                    speedup, interval = f"{paired.ratio:.2f}x", paired.interval_text()
             if check == "FAIL":
-                speedup = "check failed"
+                speedup, interval = "check failed", "-"
             cal = [r["calibration_before_s"] for r in t["rounds"] if r["calibration_before_s"] is not None]
             cf = t["knobs"]["capacity_factor"]
+            par = t["parallel"]
             rows.append((f"{t['workload']}/{t['flavor']}", f"{t['level']}/{t['mode']}",
-                         "dropless" if cf is None else f"cf {cf:g}", f"ws{key[-2]}/ep{key[-1]}",
-                         t["system"], t["status"],
-                         _ms(median), _ms(summary["iqr"] if summary else None), speedup, check, _ms(_median(cal))))
-    widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"speedup = baseline median / system median (baseline: {baseline}; >1 is faster); "
-                 "calib = median calibration matmul before each round")
+                         "dropless" if cf is None else f"cf {cf:g}", f"ws{par['world_size']}/ep{par['ep']}",
+                         system_label(t), t["status"], _ms(summary["median"] if summary else None),
+                         _ms(summary["iqr"] if summary else None), speedup, interval, pairs, check,
+                         _ms(_median(cal))))
+    lines = [text_table(header, rows)]
+    lines.append(f"speedup = geometric mean over paired rounds of baseline/system round medians (baseline: "
+                 f"{baseline}; >1 is faster); 95% CI = bootstrap over rounds ('too few rounds' below "
+                 "3 pairs); rounds = pairs used; calib = median calibration matmul before each round")
     lines.extend(notes)
     for t in trials:
         if t["status"] not in ("ok",):
-            lines.append(f"{t['system']} {t['workload']}: {t['status']}: {(t['message'].splitlines() or [''])[0]}")
+            lines.append(f"{system_label(t)} {t['workload']}: {t['status']}: {(t['message'].splitlines() or [''])[0]}")
     return "\n".join(lines)

@@ -1,21 +1,39 @@
-"""Summary statistics and ratio tests for step-time samples.
+"""Statistics of step times: descriptive summaries, and paired comparisons over rounds.
 
-Why medians and bootstrap intervals: step times on shared machines have heavy
-right tails (a background job can slow a step 3-13x), so the median and the
-interquartile range describe a trial better than mean and stdev, and a ratio
-of medians compared through a bootstrap interval tells a real change from noise
-without assuming normality. Outliers are counted (Tukey's 1.5*IQR fences),
-never dropped.
+Why the round is the unit: the steps of one round share a process, a heap and
+whatever noisy spell the shared machine is in, so they are not independent
+samples; rounds are, and because the runner interleaves systems inside each
+round, round r of system A and round r of system B saw the same spell. A
+comparison is therefore made of *paired per-round ratios* (one per round in
+which both trials succeeded), never of pooled steps:
+
+* the ratio is the geometric mean of the per-round ratios of round medians;
+* its interval is a bootstrap over rounds (scipy.stats.bootstrap, BCa, on the
+  mean log-ratio; percentile when BCa degenerates), seeded so the same data
+  give the same interval; with fewer than MIN_PAIRS_FOR_INTERVAL pairs there is
+  no interval ("too few rounds");
+* a Wilcoxon signed-rank p-value on the log-ratios when there are at least
+  MIN_PAIRS_FOR_WILCOXON pairs;
+* the noise of a benchmark is the spread (sample standard deviation) of its
+  per-round log-ratios.
+
+Descriptive summaries (median, IQR, Tukey outlier counts, never dropped) still
+describe each trial's pooled steps, because a reader wants to see them.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 TUKEY_FENCE = 1.5
-MIN_SAMPLES_FOR_VERDICT = 3
+MIN_PAIRS_FOR_INTERVAL = 3
+MIN_PAIRS_FOR_WILCOXON = 6
+CONFIDENCE = 0.95
+N_RESAMPLES = 4999
+BOOT_SEED = 0
+TOO_FEW_ROUNDS = "too few rounds"
 
 
 def _as_array(samples, what: str = "samples") -> np.ndarray:
@@ -53,78 +71,149 @@ def summarize(samples: list[float]) -> dict:
     }
 
 
-def median_ratio(a, b) -> float:
-    """median(a) / median(b)."""
-    return float(np.median(_as_array(a, "a"))) / float(np.median(_as_array(b, "b")))
+@dataclass(frozen=True)
+class PairedRatio:
+    """numerator/denominator from paired rounds; ratio > 1 means the numerator's times are larger.
+
+    For a speedup the numerator is the baseline (speedup = baseline time / system time);
+    for a slowdown check it is the candidate."""
+
+    n_pairs: int
+    ratio: float | None  # geometric mean of the per-round ratios; None with no pair
+    ci_low: float | None  # None below MIN_PAIRS_FOR_INTERVAL pairs
+    ci_high: float | None
+    confidence: float
+    interval_method: str  # "BCa" | "percentile" | "degenerate" (all ratios equal) | "none"
+    noise: float | None  # sample stdev of the per-round log-ratios (about the relative round-to-round spread)
+    p_value: float | None  # two-sided Wilcoxon signed-rank on the log-ratios; None below MIN_PAIRS_FOR_WILCOXON
+    round_ratios: tuple[float, ...]
+    rounds: tuple[int, ...] = ()  # the round numbers the pairs come from (1-based), when known
+
+    @property
+    def has_interval(self) -> bool:
+        return self.ci_low is not None
+
+    def interval_text(self, digits: int = 2) -> str:
+        if not self.has_interval:
+            return TOO_FEW_ROUNDS
+        return f"[{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]"
+
+    def above_one(self) -> bool:
+        """The whole interval lies above 1 (the numerator is really larger)."""
+        return self.has_interval and self.ci_low > 1.0
+
+    def below_one(self) -> bool:
+        return self.has_interval and self.ci_high < 1.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["round_ratios"], data["rounds"] = list(self.round_ratios), list(self.rounds)
+        return data
 
 
-def bootstrap_ratio_ci(a, b, confidence: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval for median(a)/median(b).
+def _bootstrap_mean_interval(values: np.ndarray, confidence: float, n_resamples: int, seed: int):
+    """(low, high, method) of the mean of `values`, bootstrapped over its entries."""
+    from scipy import stats as scipy_stats
 
-    a and b are resampled independently (they are separate trials). Seeded, so
-    the same inputs always give the same interval.
-    """
+    if np.ptp(values) <= 1e-12:  # equal up to rounding: resampling cannot vary the mean
+        return float(values.mean()), float(values.mean()), "degenerate"
+    for method in ("BCa", "percentile"):
+        result = scipy_stats.bootstrap((values,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
+                                       method=method, rng=np.random.default_rng(seed))
+        low, high = result.confidence_interval
+        if math.isfinite(low) and math.isfinite(high):
+            return float(low), float(high), method
+    raise ArithmeticError("bootstrap gave no finite interval")  # unreachable for finite, non-constant data
+
+
+def paired_ratio(numerator, denominator, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES,
+                 seed: int = BOOT_SEED, rounds=None) -> PairedRatio:
+    """Paired comparison of two equally long lists of per-round times (round i of each is a pair)."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be between 0 and 1, got {confidence!r}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be positive, got {n_boot!r}")
-    a_values, b_values = _as_array(a, "a"), _as_array(b, "b")
-    if np.any(b_values <= 0):
-        raise ValueError("b must be positive to form a ratio")
-    rng = np.random.default_rng(seed)
-    a_boot = np.median(a_values[rng.integers(0, a_values.size, size=(n_boot, a_values.size))], axis=1)
-    b_boot = np.median(b_values[rng.integers(0, b_values.size, size=(n_boot, b_values.size))], axis=1)
-    ratios = a_boot / b_boot
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(ratios, [tail, 1 - tail], method="linear")
-    return float(low), float(high)
+    num = np.asarray(list(numerator), dtype=np.float64)
+    den = np.asarray(list(denominator), dtype=np.float64)
+    if num.shape != den.shape or num.ndim != 1:
+        raise ValueError(f"paired samples must be two lists of equal length, got {num.shape} and {den.shape}")
+    if num.size and (not np.all(np.isfinite(num) & (num > 0)) or not np.all(np.isfinite(den) & (den > 0))):
+        raise ValueError("paired samples must be finite positive times")
+    rounds = tuple(int(r) for r in rounds) if rounds is not None else tuple(range(1, num.size + 1))
+    n = int(num.size)
+    if n == 0:
+        return PairedRatio(0, None, None, None, confidence, "none", None, None, (), ())
+    log_ratios = np.log(num) - np.log(den)
+    ratio = float(np.exp(log_ratios.mean()))
+    noise = float(log_ratios.std(ddof=1)) if n > 1 else None
+    low = high = None
+    method = "none"
+    if n >= MIN_PAIRS_FOR_INTERVAL:
+        lo, hi, method = _bootstrap_mean_interval(log_ratios, confidence, n_resamples, seed)
+        low, high = math.exp(lo), math.exp(hi)
+    p_value = None
+    if n >= MIN_PAIRS_FOR_WILCOXON:
+        from scipy import stats as scipy_stats
+
+        p_value = 1.0 if np.all(log_ratios == 0) else float(scipy_stats.wilcoxon(log_ratios).pvalue)
+    return PairedRatio(n, ratio, low, high, confidence, method, noise, p_value,
+                       tuple(float(r) for r in np.exp(log_ratios)), rounds)
+
+
+def round_medians(trial: dict) -> dict[int, float]:
+    """{round number: median step time} over a trial record's successful rounds."""
+    return {r["round"]: r["median_s"] for r in trial.get("rounds") or []
+            if r.get("status") == "ok" and r.get("median_s") is not None}
+
+
+def paired_rounds(numerator_trial: dict, denominator_trial: dict) -> tuple[list[int], list[float], list[float]]:
+    """(round numbers, numerator medians, denominator medians) for the rounds both trials completed."""
+    a, b = round_medians(numerator_trial), round_medians(denominator_trial)
+    common = sorted(set(a) & set(b))
+    return common, [a[r] for r in common], [b[r] for r in common]
+
+
+def trial_ratio(numerator_trial: dict, denominator_trial: dict, **kwargs) -> PairedRatio:
+    """Paired ratio of two trial records of one run (their rounds were interleaved)."""
+    common, num, den = paired_rounds(numerator_trial, denominator_trial)
+    return paired_ratio(num, den, rounds=common, **kwargs)
+
+
+def speedup(baseline_trial: dict, trial: dict, **kwargs) -> PairedRatio:
+    """Speedup of `trial` over `baseline_trial` (above 1: faster), from their paired rounds.
+
+    The one definition the run summary, the reports and the gate share."""
+    return trial_ratio(baseline_trial, trial, **kwargs)
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """new vs baseline step times: ratio = median(new)/median(baseline); > 1 means slower."""
+    """A candidate against a baseline: ratio = candidate time / baseline time (above 1: slower)."""
 
-    ratio: float
-    ci_low: float
-    ci_high: float
+    paired: PairedRatio
     threshold: float
-    verdict: str  # "regression" | "improvement" | "no change" | "insufficient samples"
+    verdict: str  # "regression" | "improvement" | "no change" | "too few rounds"
 
     @property
     def is_regression(self) -> bool:
         return self.verdict == "regression"
 
 
-def compare_samples(
-    baseline_samples, new_samples, threshold: float = 0.05, confidence: float = 0.95, n_boot: int = 2000, seed: int = 0
-) -> Comparison:
-    """A change counts only when it is both larger than the threshold and statistically real.
+def classify_change(paired: PairedRatio, threshold: float = 0.05) -> Comparison:
+    """A change counts only when it is both large and statistically real (asv/benchstat's rule).
 
-    Regression: the point ratio and the whole confidence interval lie above
-    1 + threshold. Improvement: both lie below 1 - threshold. With fewer than
-    three samples on either side no verdict is given.
-    """
+    Regression: the ratio exceeds 1 + threshold and the interval's lower end exceeds 1.
+    Improvement: the ratio is below 1 - threshold and the interval's upper end is below 1.
+    Otherwise "no change"; without an interval, "too few rounds"."""
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
-    ratio = median_ratio(new_samples, baseline_samples)
-    low, high = bootstrap_ratio_ci(new_samples, baseline_samples, confidence=confidence, n_boot=n_boot, seed=seed)
-    if min(len(baseline_samples), len(new_samples)) < MIN_SAMPLES_FOR_VERDICT:
-        verdict = "insufficient samples"
-    elif ratio > 1 + threshold and low > 1 + threshold:
+    if not paired.has_interval:
+        verdict = TOO_FEW_ROUNDS
+    elif paired.ratio > 1 + threshold and paired.above_one():
         verdict = "regression"
-    elif ratio < 1 - threshold and high < 1 - threshold:
+    elif paired.ratio < 1 - threshold and paired.below_one():
         verdict = "improvement"
     else:
         verdict = "no change"
-    return Comparison(ratio=ratio, ci_low=low, ci_high=high, threshold=threshold, verdict=verdict)
-
-
-def is_regression(
-    baseline_samples, new_samples, threshold: float = 0.05, confidence: float = 0.95, seed: int = 0
-) -> bool:
-    """True when new step times are slower than baseline by more than threshold, and the CI says it is real."""
-    comparison = compare_samples(baseline_samples, new_samples, threshold=threshold, confidence=confidence, seed=seed)
-    return comparison.is_regression
+    return Comparison(paired, threshold, verdict)
 
 
 def is_finite_positive(value) -> bool:

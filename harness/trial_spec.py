@@ -17,6 +17,9 @@ from harness.host_memory import MALLOC_MODES
 from workloads.spec import LEVELS, ModelShape, Workload
 
 MODES = ("forward", "forward_backward", "train")
+# Distinct input batches each trial cycles through (timed step i uses entry i mod INPUT_POOL), the same
+# for every system: routing changes from step to step as in training, and no input-keyed cache helps.
+INPUT_POOL = 4
 # Test hook (not a user option): make the child fail on purpose so the
 # runner's failure handling can be tested on real processes.
 FAULTS = ("raise", "hang", "nonfinite")
@@ -38,6 +41,7 @@ class TrialSpec:
     # Rounds after the first: the checksums round 0 verified against the reference
     # (harness/equivalence.py); this round recomputes them and must agree.
     verify: dict | None = None
+    input_pool: int = INPUT_POOL  # distinct seeded batches the steps cycle through
     malloc: str = "reuse"  # host allocator policy, harness/host_memory.py MALLOC_MODES
     # Which runner launched this copy (multi-node: every node's runner writes
     # its own spec file). Local rank 0 of node 0's launch writes the result.
@@ -56,6 +60,8 @@ class TrialSpec:
             raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout must be positive, got {self.timeout_s!r}")
+        if not isinstance(self.input_pool, int) or self.input_pool < 1:
+            raise ValueError(f"input_pool must be a positive integer, got {self.input_pool!r}")
         if self.malloc not in MALLOC_MODES:
             raise ValueError(f"malloc must be one of {', '.join(MALLOC_MODES)}, got {self.malloc!r}")
         if self.fault is not None and self.fault not in FAULTS:

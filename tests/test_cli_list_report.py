@@ -48,7 +48,7 @@ def test_report_writes_tables_and_prints_them(tmp_path):
     done = harness("report", tmp_path / "results", "--out", tmp_path / "out", "--title", "CLI test")
     assert done.returncode == 0, done.stderr
     assert "# CLI test: iteration time (ms)" in done.stdout
-    assert "2.00 [2.00, 2.00]" in done.stdout
+    assert "**2.00** [2.00, 2.00]" in done.stdout
     for name in ("iteration_time.md", "iteration_time.csv", "speedup.md", "speedup.csv", "iteration_time.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert f"report: `python -m harness report {tmp_path / 'results'} --out {tmp_path / 'out'}" in done.stdout

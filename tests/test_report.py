@@ -3,7 +3,9 @@ import pandas as pd
 import pytest
 
 from harness.errors import UsageError
+from harness.identity import trial_id
 from harness.report import ReportOptions, build_report, format_ms
+from harness.schema import load as schema_load
 from harness.schema import write_atomic
 from tests.test_schema import make_document, make_trial
 
@@ -63,12 +65,15 @@ def test_speedup_is_baseline_over_system_with_interval(tmp_path):
     assert rep.baseline == "torch_reference"
     assert header(rep.speedup_markdown)[9] == "torch_reference"  # baseline is the first system column
     assert cell(rep.speedup_markdown, "torch_reference") == "1.00 (baseline)"
-    assert cell(rep.speedup_markdown, "deepspeed_moe") == "2.00 [2.00, 2.00]"
+    assert cell(rep.speedup_markdown, "deepspeed_moe") == "**2.00** [2.00, 2.00]"  # every round 2x: a point
     text = cell(rep.speedup_markdown, "megatron_core")
-    assert text.startswith("0.49 [")  # median of 38, 40, 41, 42 ms is 40.5; 20 / 40.5 = 0.494
+    # rounds 1-3 pair up (megatron's 4th has no baseline round): 20/40, 20/42, 20/38; geometric mean 0.5
+    expected = (20 / 40 * 20 / 42 * 20 / 38) ** (1 / 3)
+    assert text.startswith(f"**{expected:.2f}** [")
     csv = pd.read_csv(tmp_path / "reports" / "speedup.csv")
     mega = csv[csv.system == "megatron_core"].iloc[0]
-    assert mega.speedup == pytest.approx(20 / 40.5)
+    assert mega.speedup == pytest.approx(expected)
+    assert mega.pairs == 3 and mega.verdict == "slower"
     assert 20 / 42 <= mega.ci_low <= mega.speedup <= mega.ci_high <= 20 / 38
     assert cell(rep.speedup_markdown, "tutel") == "skipped"
 
@@ -77,13 +82,13 @@ def test_default_baseline_prefers_tutel_native(tmp_path):
     write(tmp_path, "a.json", [make_trial("torch_reference", (0.02,) * 3), make_trial("tutel_native", (0.01,) * 3)])
     rep = report(tmp_path)
     assert rep.baseline == "tutel_native"
-    assert cell(rep.speedup_markdown, "torch_reference") == "0.50 [0.50, 0.50]"
+    assert cell(rep.speedup_markdown, "torch_reference") == "**0.50** [0.50, 0.50]"
 
 
 def test_explicit_baseline_and_unknown_baseline(tmp_path):
     write(tmp_path, "a.json", [make_trial("torch_reference", (0.02,) * 3), make_trial("deepspeed_moe", (0.01,) * 3)])
     rep = report(tmp_path, baseline="deepspeed_moe")
-    assert cell(rep.speedup_markdown, "torch_reference") == "0.50 [0.50, 0.50]"
+    assert cell(rep.speedup_markdown, "torch_reference") == "**0.50** [0.50, 0.50]"
     with pytest.raises(UsageError, match="baseline system 'tutel' is not in the results; systems present: "
                                          "deepspeed_moe, torch_reference"):
         report(tmp_path, baseline="tutel")
@@ -104,10 +109,10 @@ def test_failed_check_is_left_out_unless_asked(tmp_path):
     ])
     rep = report(tmp_path)
     assert cell(rep.speedup_markdown, "megatron_core") == "check failed"
-    assert cell(rep.speedup_markdown, "deepspeed_moe") == "2.00 [2.00, 2.00]"
+    assert cell(rep.speedup_markdown, "deepspeed_moe") == "**2.00** [2.00, 2.00]"
     assert cell(rep.iteration_markdown, "megatron_core") == "10.0 ± 0.0 †"
     rep = report(tmp_path, include_unchecked=True)
-    assert cell(rep.speedup_markdown, "megatron_core") == "2.00 [2.00, 2.00] †"
+    assert cell(rep.speedup_markdown, "megatron_core") == "**2.00** [2.00, 2.00] †"
     assert "†: the output failed the equivalence check" in rep.speedup_markdown
 
 
@@ -127,10 +132,11 @@ def test_newest_run_wins_and_the_footer_says_so(tmp_path):
           command_line=["./moebench", "run", "--systems", "deepspeed_moe"])
     rep = report(tmp_path)
     assert cell(rep.iteration_markdown, "deepspeed_moe") == "10.0 ± 0.0"
-    assert cell(rep.speedup_markdown, "deepspeed_moe") == "2.00 [2.00, 2.00] ‡"  # baseline from the older run
-    assert "‡: baseline and system come from different runs" in rep.speedup_markdown
+    # the baseline comes from the older run: no rounds pair up, so no interval
+    assert cell(rep.speedup_markdown, "deepspeed_moe") == "2.00 unpaired ‡"
+    assert "'unpaired ‡': baseline and system come from different runs" in rep.speedup_markdown
     for md in (rep.iteration_markdown, rep.speedup_markdown):
-        assert "1 trial(s) also appeared in an older run; the newest run's result is shown" in md
+        assert "1 trial(s) also appeared in an older run (the same trial id" in md
         assert "`./moebench run --systems deepspeed_moe`" in md
         assert "2026-11-29T05:00:00Z" in md
         assert "git 0123456789ab (dirty" in md
@@ -204,3 +210,37 @@ def test_rows_sort_numbers_by_value_and_csv_carries_throughput(tmp_path):
     csv = pd.read_csv(tmp_path / "reports" / "iteration_time.csv").set_index("ws")
     assert (csv.loc[16, "tokens_per_s"], csv.loc[16, "useful_tflops"]) == (5000.0, 0.2)
     assert pd.isna(csv.loc[2, "useful_tflops"])
+
+
+def test_summary_speedup_equals_the_report_speedup(tmp_path):
+    """The run summary (runner.format_table) and the report compute the speedup with one function."""
+    from harness import runner
+
+    base = make_trial("tutel_native", (0.010, 0.012, 0.011, 0.013, 0.010, 0.011))
+    other = make_trial("deepspeed_moe", (0.014, 0.015, 0.016, 0.015, 0.013, 0.016))
+    path = write(tmp_path, "a.json", [base, other])
+    rep = report(tmp_path)
+    csv = pd.read_csv(tmp_path / "reports" / "speedup.csv")
+    speed = csv[csv.system == "deepspeed_moe"].iloc[0]
+    table = runner.format_table(schema_load(path)["trials"])
+    row = next(line for line in table.splitlines() if " deepspeed_moe " in line)
+    assert f"{speed.speedup:.2f}x" in row and f"[{speed.ci_low:.2f}, {speed.ci_high:.2f}]" in row
+    assert f"{speed.speedup:.2f}" in cell(rep.speedup_markdown, "deepspeed_moe")
+
+
+def test_different_work_under_one_name_is_not_merged(tmp_path):
+    """An overridden preset field (--experts 16) gives a separate row and a note naming the difference."""
+    stock = make_trial("torch_reference", (0.010,) * 3)
+    override = make_trial("torch_reference", (0.020,) * 3)
+    override["workload_spec"] = {"name": "mixtral-8x7b", "num_experts": 16}
+    override["id"] = trial_id(override)
+    write(tmp_path, "a.json", [stock], run_id="20261129T000000Z-aaaaaa", created="2026-11-29T00:00:00Z")
+    write(tmp_path, "b.json", [override], run_id="20261129T050000Z-bbbbbb", created="2026-11-29T05:00:00Z")
+    rep = report(tmp_path)
+    rows = table_rows(rep.iteration_markdown)
+    assert len(rows) == 2 and all("(work " in r[0] for r in rows)
+    assert sorted(r[header(rep.iteration_markdown).index("torch_reference")] for r in rows) == [
+        "10.0 ± 0.0", "20.0 ± 0.0"]
+    assert "different setups shown as separate rows" in rep.iteration_markdown
+    assert "workload.num_experts: None, 16" in rep.iteration_markdown
+    assert "older run" not in rep.iteration_markdown.split("different setups")[0].splitlines()[-1]

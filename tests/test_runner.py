@@ -63,10 +63,13 @@ def test_failing_trial_is_an_error_and_the_run_goes_on(run):
     assert "fault injected" in failed["message"]
     assert len(failed["rounds"]) == 1  # not retried: a deterministic failure
     assert failed["summary"] is None and failed["samples_s"] == []
-    # interleaving: round 1 runs A, B, C; round 2 runs A, C (B stopped)
-    assert [line.split("]")[0] for line in progress] == ["[1/6", "[2/6", "[3/6", "[4/6", "[6/6"]
-    assert "error: RuntimeError: fault injected" in progress[1]
-    assert progress[0].endswith("check ok")
+    # interleaving, in the seeded order of each round: round 1 runs all three; round 2 runs the two
+    # others (the failed trial stopped)
+    first, second = runner.round_orders(3, ROUNDS, seed=0)
+    expected = [f"[{p + 1}/6" for p in range(3)] + [f"[{3 + p + 1}/6" for p, i in enumerate(second) if i != 1]
+    assert [line.split("]")[0] for line in progress] == expected
+    assert "error: RuntimeError: fault injected" in progress[first.index(1)]
+    assert progress[first.index(0)].endswith("check ok")
 
 
 @pytest.mark.slow
@@ -155,6 +158,16 @@ MORE_CLI_ERRORS = {
     "bad routing": (["--routing", "random"], "unknown routing 'random'"),
     "bad dtype": (["--dtype", "fp8"], "unknown dtype 'fp8'"),
     "bad capacity": (["--capacity-factor", "-1"], "capacity_factor must be a positive number"),
+    "option nobody declares": (["--option", "warp_speed=9"], "no selected system declares option 'warp_speed'"),
+    "option unknown to its system": (["--option", "torch_reference.overlap_degree=2"],
+                                     "torch_reference has no option 'overlap_degree'"),
+    "option for an unselected system": (["--systems", "torch_reference", "--option", "tutel_native.adaptive_r=0"],
+                                        "system tutel_native is not among the selected systems"),
+    "malformed variant": (["--variant", "tutel_native"], "--variant must be SYSTEM:KEY=VALUE"),
+    "variant option unknown": (["--systems", "tutel_native", "--variant", "tutel_native:warp=1"],
+                               "tutel_native has no option 'warp'"),
+    "variant repeats an entry": (["--systems", "tutel_native", "--option", "tutel_native.adaptive_r=0",
+                                  "--variant", "tutel_native:adaptive_r=0"], "repeats an entry"),
 }
 
 
@@ -185,3 +198,55 @@ def test_more_run_command_input_errors(name, capsys):
     except SystemExit as exc:  # argparse's own errors
         code = exc.code
     _check_one_line(name, code, capsys.readouterr().err, expected)
+
+
+def _parsed(argv: list[str]):
+    import argparse
+
+    from harness.commands import run as run_command
+
+    parser = argparse.ArgumentParser()
+    run_command.add_arguments(parser)
+    return parser.parse_args(["--flavor", "debug", *argv])
+
+
+def test_an_option_addressed_to_one_system_leaves_the_others_running():
+    from harness.commands.run import build_specs
+    from harness.identity import system_label
+
+    specs, _ = build_specs(_parsed(["--systems", "torch_reference,tutel_native,deepspeed_moe",
+                                    "--option", "tutel_native.overlap_degree=2",
+                                    "--variant", "tutel_native:expert_kernel=mm"]))
+    labels = [system_label({"system": s.system, "knobs": {"options": s.knobs.options}}) for s in specs]
+    assert labels == ["torch_reference", "tutel_native[overlap_degree=2]", "deepspeed_moe",
+                      "tutel_native[expert_kernel=mm,overlap_degree=2]"]
+
+
+def test_an_unqualified_option_goes_to_the_systems_that_declare_it():
+    from harness.commands.run import build_specs
+
+    specs, _ = build_specs(_parsed(["--systems", "torch_reference,megatron_core", "--option", "dispatcher=allgather"]))
+    assert [(s.system, s.knobs.options) for s in specs] == [("torch_reference", {}),
+                                                            ("megatron_core", {"dispatcher": "allgather"})]
+
+
+def test_round_order_is_a_seeded_permutation_per_round():
+    orders = runner.round_orders(4, 6, seed=11)
+    assert orders == runner.round_orders(4, 6, seed=11)  # reproducible from its seed
+    assert orders != runner.round_orders(4, 6, seed=12)
+    assert all(sorted(o) == [0, 1, 2, 3] for o in orders)
+    first_positions = {o[0] for o in runner.round_orders(4, 40, seed=0)}
+    assert first_positions == {0, 1, 2, 3}  # no trial is always first: position is not tied to the system
+
+
+@pytest.mark.slow
+def test_runner_follows_the_recorded_order(tmp_path):
+    """The positions each trial's rounds report are the ones round_orders(seed) gives."""
+    specs = [debug_spec(), debug_spec(mode="forward"), debug_spec(level="model", mode="train", steps=1)]
+    trials = runner.run_trials(specs, runner.RunOptions(repeats=3, order_seed=5, progress=io.StringIO()))
+    orders = runner.round_orders(3, 3, seed=5)
+    for i, trial in enumerate(trials):
+        assert [r["position"] for r in trial["rounds"]] == [order.index(i) for order in orders]
+        assert [r["sequence"] for r in trial["rounds"]] == [r * 3 + order.index(i) for r, order in enumerate(orders)]
+        assert all(r["check_passed"] for r in trial["rounds"]), trial["rounds"]
+        assert trial["setup"]["input_pool"] >= 2 and trial["work_key"]

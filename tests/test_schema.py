@@ -12,7 +12,8 @@ import pytest
 
 from harness import environment, schema
 from harness.errors import UsageError
-from harness.schema import SchemaError, load, trial_id, validate, write_atomic
+from harness.identity import trial_id
+from harness.schema import SchemaError, load, validate, write_atomic
 from harness.stats import summarize
 
 METHOD = {"timer": "perf_counter", "warmup": 2, "steps": 5, "rounds": 2, "interleaved": True,
@@ -32,8 +33,9 @@ def make_trial(system="torch_reference", samples=(0.010, 0.011, 0.012), status="
         "knobs": {"capacity_factor": capacity_factor, "dtype": dtype, "device": "cpu", "seed": 0, "options": {}},
         "dtype": dtype, "seed": 0, "status": status, "message": "" if status == "ok" else f"{system} {status}",
         "samples_s": samples, "per_rank_samples_s": [samples] if samples else None,
-        "rounds": [{"round": 0, "status": status, "median_s": samples[0] if samples else None,
-                    "calibration_before_s": 0.05, "calibration_after_s": 0.051, "wall_s": 1.5}],
+        # One round per sample (each sample stands for a round's median), so paired statistics have rounds.
+        "rounds": [{"round": i + 1, "status": status, "median_s": s, "calibration_before_s": 0.05,
+                    "calibration_after_s": 0.051, "wall_s": 1.5} for i, s in enumerate(samples or [None])],
         "summary": summarize(samples) if samples else None,
         "throughput": None, "flops": {"executed": 2.0e9, "useful": 1.6e9}, "routing_stats": None,
         "phase_times_s": None,
@@ -72,8 +74,10 @@ def test_valid_document_round_trips(tmp_path):
 
 def test_trial_id_names_every_dimension():
     t = make_trial(system="deepspeed_moe", world_size=2, ep=2, capacity_factor=None, dtype="bfloat16", mode="forward")
-    assert trial_id(t) == "deepspeed_moe/mixtral-8x7b/debug/layer/forward/learned/bfloat16/dropless/ws2-ep2"
-    assert trial_id(make_trial(capacity_factor=1.25)).endswith("/float32/cf1.25/ws1-ep1")
+    readable, digest = trial_id(t).split("#")
+    assert readable == "deepspeed_moe/mixtral-8x7b/debug/layer/forward/learned/bfloat16/dropless/ws2-ep2"
+    assert len(digest) == 12 and trial_id(t) == trial_id(copy.deepcopy(t))  # stable
+    assert trial_id(make_trial(capacity_factor=1.25)).split("#")[0].endswith("/float32/cf1.25/ws1-ep1")
 
 
 def corrupt(mutate):

@@ -1,9 +1,10 @@
 """Summary statistics and ratio tests, checked against numbers worked out by hand."""
 import math
 
+import numpy as np
 import pytest
 
-from harness.stats import bootstrap_ratio_ci, compare_samples, is_regression, median_ratio, quantile, summarize
+from harness.stats import classify_change, paired_ratio, quantile, speedup, summarize
 
 
 def test_summary_of_five_samples_with_a_high_outlier():
@@ -49,71 +50,105 @@ def test_summary_rejects_empty_or_non_finite(bad):
         summarize(bad)
 
 
-def test_bootstrap_interval_is_deterministic_and_bounded():
-    a = [2.0, 2.05, 2.1, 2.0, 2.02, 2.08]
-    b = [1.0, 1.05, 1.01, 1.03, 1.0, 1.02]
-    low, high = bootstrap_ratio_ci(a, b, seed=7)
-    assert (low, high) == bootstrap_ratio_ci(a, b, seed=7)
-    # every resampled median of a lies in [2.0, 2.1] and of b in [1.0, 1.05]
-    assert 2.0 / 1.05 - 1e-12 <= low <= median_ratio(a, b) <= high <= 2.1 / 1.0 + 1e-12
-    assert median_ratio(a, b) == pytest.approx(2.035 / 1.015)
+# ---------------------------------------------------------------- paired rounds
+
+def _rounds(n: int, seed: int, machine_sd: float = 0.3, pair_sd: float = 0.04):
+    """Per-round baseline medians whose level wanders from round to round (a shared machine's noisy
+    spells hit both systems of a round alike), and each round's own small pair noise."""
+    rng = np.random.default_rng(seed)
+    level = 0.2 * np.exp(rng.normal(0.0, machine_sd, n))
+    return level, np.exp(rng.normal(0.0, pair_sd, n))
 
 
-def test_bootstrap_of_constant_samples_is_a_point():
-    assert bootstrap_ratio_ci([3.0] * 5, [1.5] * 4) == (2.0, 2.0)
+def test_fixed_ten_percent_slowdown_with_round_noise_is_detected():
+    base, pair_noise = _rounds(12, seed=3)
+    candidate = base * 1.10 * pair_noise
+    r = paired_ratio(candidate, base)
+    assert r.n_pairs == 12 and r.interval_method == "BCa"
+    assert r.ci_low < 1.10 < r.ci_high, r
+    assert r.ci_low > 1.0 and r.above_one()
+    assert r.p_value is not None and r.p_value < 0.01
+    assert classify_change(r, threshold=0.05).verdict == "regression"
+
+
+def test_pure_noise_interval_contains_one():
+    base, pair_noise = _rounds(12, seed=4)
+    r = paired_ratio(base * pair_noise, base)
+    assert r.ci_low < 1.0 < r.ci_high, r
+    assert not r.above_one() and not r.below_one()
+    assert classify_change(r).verdict == "no change"
+
+
+def test_pooling_would_hide_what_pairing_shows():
+    """The machine's round-to-round drift (30%) dwarfs the 10% effect; pairing removes it."""
+    base, pair_noise = _rounds(10, seed=5, machine_sd=0.3, pair_sd=0.02)
+    r = paired_ratio(base * 1.10 * pair_noise, base)
+    assert r.noise < 0.05  # the spread of log-ratios is the pair noise, not the drift
+    assert r.above_one()
+
+
+def test_geometric_mean_of_round_ratios_by_hand():
+    r = paired_ratio([2.0, 4.0, 1.0], [1.0, 1.0, 1.0])
+    assert r.ratio == pytest.approx((2.0 * 4.0 * 1.0) ** (1 / 3))
+    assert r.round_ratios == (2.0, 4.0, 1.0)
+    assert r.noise == pytest.approx(np.std(np.log([2.0, 4.0, 1.0]), ddof=1))
+    assert r.p_value is None  # fewer than 6 pairs
+
+
+def test_interval_is_seeded_and_deterministic():
+    base, pair_noise = _rounds(8, seed=6)
+    assert paired_ratio(base * pair_noise, base, seed=1) == paired_ratio(base * pair_noise, base, seed=1)
+
+
+def test_constant_ratios_give_a_point_interval():
+    r = paired_ratio([3.0, 6.0, 1.5], [1.5, 3.0, 0.75])
+    assert (r.ci_low, r.ci_high, r.interval_method) == (pytest.approx(2.0), pytest.approx(2.0), "degenerate")
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_fewer_than_three_pairs_say_too_few_rounds(n):
+    r = paired_ratio([1.2] * n, [1.0] * n)
+    assert not r.has_interval and r.interval_text() == "too few rounds"
+    assert classify_change(r).verdict == "too few rounds"
 
 
 def test_wider_confidence_gives_a_wider_interval():
-    a = [1.0, 1.3, 0.9, 1.2, 1.1, 1.4, 0.95, 1.25]
-    b = [1.0, 1.1, 0.9, 1.05, 0.95, 1.02, 0.98, 1.08]
-    low90, high90 = bootstrap_ratio_ci(a, b, confidence=0.90)
-    low99, high99 = bootstrap_ratio_ci(a, b, confidence=0.99)
-    assert low99 <= low90 < high90 <= high99
+    base, pair_noise = _rounds(10, seed=8)
+    r90 = paired_ratio(base * pair_noise, base, confidence=0.90)
+    r99 = paired_ratio(base * pair_noise, base, confidence=0.99)
+    assert r99.ci_low <= r90.ci_low < r90.ci_high <= r99.ci_high
 
 
-def test_bootstrap_rejects_bad_arguments():
+def test_paired_ratio_rejects_bad_arguments():
     with pytest.raises(ValueError):
-        bootstrap_ratio_ci([1.0], [1.0], confidence=1.5)
+        paired_ratio([1.0], [1.0], confidence=1.5)
     with pytest.raises(ValueError):
-        bootstrap_ratio_ci([1.0], [0.0])
+        paired_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError):
+        paired_ratio([1.0], [0.0])
 
 
-BASE = [1.00, 1.01, 0.99, 1.02, 0.98, 1.00, 1.01, 0.99, 1.00, 1.02]
+def _trial(medians: dict[int, float | None]) -> dict:
+    return {"rounds": [{"round": r, "status": "ok" if m else "error", "median_s": m} for r, m in medians.items()]}
 
 
-def test_clear_slowdown_is_a_regression():
-    slower = [x * 1.20 for x in BASE]
-    c = compare_samples(BASE, slower)
-    assert c.ratio == pytest.approx(1.20)
-    assert c.verdict == "regression" and c.ci_low > 1.05
-    assert is_regression(BASE, slower)
+def test_trials_pair_only_the_rounds_both_completed():
+    base = _trial({1: 2.0, 2: 2.2, 3: None, 4: 2.0})
+    system = _trial({1: 1.0, 2: 1.1, 3: 1.0, 4: None})
+    r = speedup(base, system)
+    assert r.rounds == (1, 2) and r.round_ratios == (2.0, 2.0) and r.ratio == pytest.approx(2.0)
+    assert not r.has_interval
 
 
-def test_real_but_small_slowdown_is_not_flagged():
-    # 3% slower, every sample scaled: statistically real (CI above 1), but below the 5% threshold
-    slightly = [x * 1.03 for x in BASE]
-    c = compare_samples(BASE, slightly)
-    assert c.ci_low > 1.0
-    assert c.verdict == "no change"
-    assert not is_regression(BASE, slightly)
-    assert is_regression(BASE, slightly, threshold=0.01)  # interval is about [1.015, 1.046]
+def test_small_real_change_is_not_flagged_below_the_threshold():
+    base, pair_noise = _rounds(12, seed=9, pair_sd=0.005)
+    r = paired_ratio(base * 1.03 * pair_noise, base)
+    assert r.above_one()  # statistically real ...
+    assert classify_change(r, threshold=0.05).verdict == "no change"  # ... but smaller than 5%
+    assert classify_change(r, threshold=0.01).verdict == "regression"
 
 
-def test_large_but_noisy_difference_is_not_flagged():
-    noisy_base = [1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0]
-    noisy_new = [1.1, 2.2, 1.1, 2.2, 1.1, 2.2, 1.1, 2.2]
-    c = compare_samples(noisy_base, noisy_new)
-    assert c.ratio == pytest.approx(1.65 / 1.5)  # 10% slower at the median ...
-    assert c.ci_low < 1.05  # ... but the interval does not exclude "no change"
-    assert not c.is_regression
-
-
-def test_clear_speedup_is_an_improvement_not_a_regression():
-    faster = [x * 0.8 for x in BASE]
-    c = compare_samples(BASE, faster)
-    assert c.verdict == "improvement" and c.ci_high < 0.95
-    assert not is_regression(BASE, faster)
-
-
-def test_too_few_samples_give_no_verdict():
-    assert compare_samples([1.0, 1.0], [2.0, 2.0]).verdict == "insufficient samples"
+def test_clear_speedup_is_an_improvement():
+    base, pair_noise = _rounds(12, seed=10)
+    r = paired_ratio(base * 0.8 * pair_noise, base)
+    assert r.below_one() and classify_change(r).verdict == "improvement"

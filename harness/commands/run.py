@@ -55,8 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float64 (default float32)")
     t.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="system-specific knob (repeatable); systems refuse options they do not know")
+    t.add_argument("--option", action="append", default=[], metavar="[SYSTEM.]KEY=VALUE",
+                   help="system knob (repeatable): SYSTEM.KEY=VALUE applies to that system only; KEY=VALUE to "
+                        "every selected system that declares KEY (see `moebench list`)")
+    t.add_argument("--variant", action="append", default=[], metavar="SYSTEM:KEY=VALUE[,KEY=VALUE...]",
+                   help="an extra, labelled entry of SYSTEM with these options, run interleaved with the others "
+                        "(repeatable), e.g. --variant tutel_native:expert_kernel=mm")
     m = parser.add_argument_group("method")
     m.add_argument("--repeats", type=int, default=3, help="rounds over all systems (default 3)")
     m.add_argument("--warmup", type=int, default=2, help="warm-up steps per round (default 2)")
@@ -66,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--malloc", choices=MALLOC_MODES, default="reuse",
                    help="host allocator policy in trial processes: reuse (default: glibc keeps freed memory, "
                         "no per-step page faults; harness/host_memory.py) or system (glibc defaults)")
+    m.add_argument("--order-seed", type=int, default=0,
+                   help="seed of the random order of trials inside each round (default 0; recorded)")
     m.add_argument("--out", default="results", help="results directory (default results/)")
     p = parser.add_argument_group("parallel (torchrun's meaning)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this node (default 1)")
@@ -120,7 +126,10 @@ def resolve_workloads(args: argparse.Namespace) -> list:
 
 
 def select_systems(requested: str | None) -> tuple[list[str], dict[str, str]]:
-    """(systems to run, {system: why it cannot run here}) -- unknown names are a UsageError."""
+    """(systems to run, {system: why it cannot run here}) -- unknown names are a UsageError.
+
+    Without --systems, the systems that cannot run here are left out (run() notes them); named ones
+    stay in the list and are recorded as skipped with their reason."""
     import systems
 
     known = systems.system_names()
@@ -143,13 +152,53 @@ def select_systems(requested: str | None) -> tuple[list[str], dict[str, str]]:
         if not ok:
             unavailable[name] = reason
     if not requested:
-        for name, reason in unavailable.items():
-            print(f"moebench run: note: {name} is not available here ({reason})", file=sys.stderr)
         names = [n for n in names if n not in unavailable]
-        unavailable = {}
         if not names:
             raise UsageError("no system is available on this machine (see `moebench list`)")
     return names, unavailable
+
+
+def system_options(args: argparse.Namespace, names: list[str]) -> list[tuple[str, dict]]:
+    """(system, options) entries to run: each selected system with the options addressed to it, then
+    each --variant. An option no selected system declares, or one addressed to a system that does
+    not declare it, is a usage error before anything runs (never a silently skipped system)."""
+    import systems
+
+    declared = {name: dict(systems.load_system_class(name).options) for name in names}
+    per_system: dict[str, dict] = {name: {} for name in names}
+    for text in args.option:
+        key, value = parse_option(text)
+        target, dot, bare = key.partition(".")
+        if dot and target in systems.system_names():
+            if target not in names:
+                raise UsageError(f"--option {text}: system {target} is not among the selected systems")
+            if bare not in declared[target]:
+                raise UsageError(f"--option {text}: {target} has no option {bare!r} "
+                                 f"(known: {', '.join(sorted(declared[target])) or 'none'})")
+            per_system[target][bare] = value
+            continue
+        takers = [name for name in names if key in declared[name]]
+        if not takers:
+            raise UsageError(f"--option {text}: no selected system declares option {key!r} "
+                             f"(address one system with SYSTEM.{key}=VALUE; see `moebench list`)")
+        for name in takers:
+            per_system[name][key] = value
+    entries = [(name, per_system[name]) for name in names]
+    for text in args.variant:
+        name, _, rest = text.partition(":")  # its form was checked in build_specs
+        if name not in declared:
+            raise UsageError(f"--variant {text}: system {name!r} is not among the selected systems")
+        options = dict(per_system[name])
+        for part in rest.split(","):
+            key, value = parse_option(part)
+            if key not in declared[name]:
+                raise UsageError(f"--variant {text}: {name} has no option {key!r} "
+                                 f"(known: {', '.join(sorted(declared[name])) or 'none'})")
+            options[key] = value
+        if (name, options) in entries:
+            raise UsageError(f"--variant {text} repeats an entry that already runs")
+        entries.append((name, options))
+    return entries
 
 
 def build_specs(args: argparse.Namespace) -> tuple[list, dict]:
@@ -175,7 +224,12 @@ def build_specs(args: argparse.Namespace) -> tuple[list, dict]:
             raise UsageError(f"--{name} must be at least {minimum}, got {getattr(args, name)}")
     if not args.timeout > 0:
         raise UsageError(f"--timeout must be positive, got {args.timeout}")
-    options = dict(parse_option(o) for o in args.option)
+    for text in args.option:
+        parse_option(text)  # malformed options and variants are reported before the peers are imported
+    for text in args.variant:
+        name, colon, rest = text.partition(":")
+        if not colon or not name or not rest:
+            raise UsageError(f"--variant must be SYSTEM:KEY=VALUE[,KEY=VALUE...], got {text!r}")
     launch = LaunchConfig(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
                           rdzv_endpoint=args.rdzv_endpoint, threads_per_rank=args.threads_per_rank)
     launch.validate()
@@ -185,12 +239,13 @@ def build_specs(args: argparse.Namespace) -> tuple[list, dict]:
     workloads = resolve_workloads(args)
     for workload in workloads:
         parallel.validate(workload.layer.num_experts)
-    names, unavailable = select_systems(args.systems)  # last: it imports the peer packages
+    names, unavailable = select_systems(args.systems)  # after the cheap checks: it imports the peer packages
+    entries = system_options(args, names)
     specs = []
     for workload in workloads:
-        knobs = MoEKnobs(capacity_factor=workload.capacity_factor, dtype=args.dtype, device=args.device,
-                         seed=args.seed, options=options)
-        for name in names:
+        for name, options in entries:
+            knobs = MoEKnobs(capacity_factor=workload.capacity_factor, dtype=args.dtype, device=args.device,
+                             seed=args.seed, options=dict(options))
             spec = TrialSpec(name, workload, level, mode, routing, knobs, parallel, warmup=args.warmup,
                              steps=args.steps, timeout_s=args.timeout, check=not args.no_check, malloc=args.malloc)
             spec.validate()
@@ -204,16 +259,25 @@ def run(args: argparse.Namespace) -> int:
     from harness import runner
 
     specs, unavailable = build_specs(args)
+    if not args.systems:
+        for name, reason in unavailable.items():
+            print(f"moebench run: note: {name} is not available here ({reason})", file=sys.stderr)
+        unavailable = {}
     launched = [s for s in specs if s.system not in unavailable]
-    options = runner.RunOptions(repeats=args.repeats, node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint)
-    records = iter(runner.run_trials(launched, options))
+    options = runner.RunOptions(repeats=args.repeats, node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
+                                order_seed=args.order_seed)
+    launched_records = runner.run_trials(launched, options)
+    records = iter(launched_records)
     trials = [runner.skipped_record(s, unavailable[s.system]) if s.system in unavailable else next(records)
               for s in specs]
     if args.node_rank != 0:
         print(f"moebench run: node {args.node_rank} done; node 0 writes the results", file=sys.stderr)
         return 0
     timer = next((t["timer"] for t in trials if t.get("timer")), "perf_counter")
-    method = runner.method(args.warmup, args.steps, args.repeats, timer, malloc=args.malloc)
+    orders = [[launched_records[i]["id"] for i in order]
+              for order in runner.round_orders(len(launched), args.repeats, args.order_seed)]
+    method = runner.method(args.warmup, args.steps, args.repeats, timer, malloc=args.malloc,
+                           order_seed=args.order_seed, orders=orders)
     path = runner.write_results(trials, method, ["moebench", *sys.argv[1:]], Path(args.out))
     print(runner.format_table(trials))
     print(f"results: {path}")
