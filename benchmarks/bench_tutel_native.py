@@ -39,8 +39,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec  # noqa: E402
 from harness.host_memory import MALLOC_MODES, keep_freed_memory  # noqa: E402
-from systems.base import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec  # noqa: E402
+from harness.stats import paired_ratio  # noqa: E402
 from systems.torch_reference import ReferenceMoELayer  # noqa: E402
 from systems.tutel_native.adapter import TutelNative  # noqa: E402
 
@@ -246,13 +247,18 @@ def main(argv=None) -> int:
         calib.append(calibrate(gen))
 
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    per_round = [t / g for t, g in zip(times["tutel"], times["gemm"], strict=True)]
+
+    def ratio(numerator: str, denominator: str) -> str:
+        """Paired over rounds (each round ran every case once, interleaved): geometric mean and interval."""
+        r = paired_ratio(times[numerator], times[denominator])
+        return f"{r.ratio:.3f} {r.interval_text(3)}"
+
     tutel(x_TM)
-    stats = tutel.routing_stats()
+    routing = tutel.routing_stats()
     kernel = tutel.layer._kernel
     print(f"mixtral-8x7b proxy: T={args.tokens} M={shape.model_dim} H={shape.ffn_dim} E={shape.num_experts} "
           f"K={shape.top_k} {args.dtype}, threads={args.threads}, rounds={args.rounds}, tutel kernel {kernel}")
-    print(f"capacity {stats.capacity}, dropped {stats.dropped}, rows computed {stats.expert_rows_computed} "
+    print(f"capacity {routing.capacity}, dropped {routing.dropped}, rows computed {routing.expert_rows_computed} "
           f"(useful {args.tokens * shape.top_k})")
     print(f"calibration 512^3 mm: min {min(calib) * 1e3:.2f} ms, max {max(calib) * 1e3:.2f} ms")
     unchanged = args.malloc == "reuse" and not malloc_applied
@@ -263,15 +269,14 @@ def main(argv=None) -> int:
         print(f"  {name:20s} {cells}   -> {choice[name]}")
     for name, t in med.items():
         print(f"  {name:10s} median {t * 1e3:8.1f} ms   (min {min(times[name]) * 1e3:8.1f})")
-    print(f"efficiency tutel/gemm: median of per-round ratios {statistics.median(per_round):.3f}, "
-          f"ratio of medians {med['tutel'] / med['gemm']:.3f} (target <= 1.15)")
-    print(f"floor with bmm only / fastest-path floor: {med['gemm_bmm'] / med['gemm']:.3f}")
-    print(f"tutel/ffn (GEMMs + activation): {med['tutel'] / med['ffn']:.3f}")
-    print(f"dropless/gemm: {med['dropless'] / med['gemm']:.3f}")
-    print(f"speedup vs torch_reference: {med['reference'] / med['tutel']:.2f}x; "
-          f"vs padded buffer: {med['padded'] / med['tutel']:.2f}x; "
-          f"vs the mm kernel (grouped): {med['mm_grouped'] / med['tutel']:.2f}x, "
-          f"(live): {med['mm_live'] / med['tutel']:.2f}x")
+    print("ratios: geometric mean of per-round paired ratios [95% bootstrap interval over rounds]")
+    print(f"efficiency tutel/gemm: {ratio('tutel', 'gemm')} (target <= 1.15)")
+    print(f"floor with bmm only / fastest-path floor: {ratio('gemm_bmm', 'gemm')}")
+    print(f"tutel/ffn (GEMMs + activation): {ratio('tutel', 'ffn')}")
+    print(f"dropless/gemm: {ratio('dropless', 'gemm')}")
+    print(f"speedup of tutel vs torch_reference: {ratio('reference', 'tutel')}; vs padded buffer: "
+          f"{ratio('padded', 'tutel')}; vs the mm kernel (grouped): {ratio('mm_grouped', 'tutel')}, "
+          f"(live): {ratio('mm_live', 'tutel')}")
     return 0
 
 

@@ -175,9 +175,8 @@ class TutelNativeLayer(MoELayerAdapter):
         return self._tuning
 
     def routing_stats(self) -> RoutingStats:
-        """Read off the layer's StepStats. Inside forward the layer keeps only what routing itself
-        needs, plus its StepStats record (one small host copy of the per-expert counts, which its
-        own planner reads); the l_aux host sync happens here."""
+        """Read off the layer's StepStats, which it builds on request (the host copies of the counts
+        and the l_aux sync happen here, outside the timed step); forward keeps only the route plan."""
         stats = self.layer.last_stats
         if stats is None:
             raise RuntimeError("routing_stats() called before the first forward")

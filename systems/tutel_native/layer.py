@@ -183,7 +183,7 @@ class MoELayer(nn.Module):
 
         self.l_aux: torch.Tensor | None = None
         self.dispatch_count: torch.Tensor | None = None
-        self.last_stats: StepStats | None = None
+        self._last_step: tuple[RoutePlan, int] | None = None  # (plan, rows computed) of the last forward
         self.phase_clock = _PhaseClock()
 
     # ---- checkpoint -------------------------------------------------------------------------
@@ -370,11 +370,20 @@ class MoELayer(nn.Module):
         return int(t.item())
 
     def _record(self, plan: RoutePlan, l_aux: torch.Tensor) -> None:
+        """Keep what the statistics need; they are built only when asked for (last_stats), outside
+        a timed step, so the forward pays no host conversion for bookkeeping."""
         self.l_aux = l_aux
         self.dispatch_count = plan.dispatch_count_E
+        self._last_step = (plan, getattr(self, "_rows_computed", plan.rows))
+
+    @property
+    def last_stats(self) -> StepStats | None:
+        """What the last forward did (None before the first)."""
+        if self._last_step is None:
+            return None
+        plan, rows = self._last_step
         per_row = self._flops_per_row()
-        rows = getattr(self, "_rows_computed", plan.rows)
-        self.last_stats = StepStats(
+        return StepStats(
             top_k=plan.top_k,
             capacity=plan.capacity,
             dispatch_count=plan.dispatch_count_E.tolist(),
