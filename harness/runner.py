@@ -137,7 +137,8 @@ def _round_entry(number: int, result: dict) -> dict:
             "calibration_before_s": result.get("calibration_before_s"),
             "calibration_after_s": result.get("calibration_after_s"), "wall_s": result["wall_s"],
             "load_before": result.get("load_before"), "load_after": result.get("load_after"),
-            "threads_measured": result.get("threads_measured"), "tuning": result.get("tuning")}
+            "threads_measured": result.get("threads_measured"), "tuning": result.get("tuning"),
+            "teardown_error": result.get("teardown_error")}
 
 
 def _combined_check(rounds: list[dict]) -> dict | None:

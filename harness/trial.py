@@ -487,7 +487,7 @@ def run_trial(spec: TrialSpec) -> dict:
     finally:
         result["wall_s"] = time.perf_counter() - started
         if system is not None and result["status"] == "ok":
-            _teardown(system)
+            _teardown(system, result)
     return result
 
 
@@ -500,10 +500,15 @@ def _sum_flops(per_rank: list[dict]) -> dict:
     return total
 
 
-def _teardown(system) -> None:
-    system.teardown()
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def _teardown(system, result: dict) -> None:
+    """Release the system's global state after a successful round. A failure here cannot undo the
+    round's measurements, so it is recorded (result["teardown_error"]) instead of losing them."""
+    try:
+        system.teardown()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 - any teardown failure, from any peer package, must not lose the round
+        result["teardown_error"] = describe_exception(exc)
 
 
 def main(argv: list[str] | None = None) -> int:

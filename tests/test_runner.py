@@ -158,6 +158,7 @@ MORE_CLI_ERRORS = {
     "bad routing": (["--routing", "random"], "unknown routing 'random'"),
     "bad dtype": (["--dtype", "fp8"], "unknown dtype 'fp8'"),
     "bad capacity": (["--capacity-factor", "-1"], "capacity_factor must be a positive number"),
+    "routing the model ignores": (["--level", "model", "--routing", "zipf"], "applies at layer level only"),
     "option nobody declares": (["--option", "warp_speed=9"], "no selected system declares option 'warp_speed'"),
     "option unknown to its system": (["--option", "torch_reference.overlap_degree=2"],
                                      "torch_reference has no option 'overlap_degree'"),

@@ -138,3 +138,19 @@ def test_calibration_and_step_timer_measure_real_work():
     assert timer.name == "perf_counter"
     value, seconds = timer.time(lambda: sum(range(200_000)))
     assert value == sum(range(200_000)) and seconds > 0
+
+
+def test_a_teardown_failure_keeps_the_round(monkeypatch):
+    """A system whose teardown raises after a successful round: the samples stay, the failure is noted."""
+    import systems
+    from systems.torch_reference import TorchReference
+
+    class FailingTeardown(TorchReference):  # the real reference, with a teardown that raises
+        def teardown(self) -> None:
+            raise RuntimeError("teardown broke (test hook)")
+
+    monkeypatch.setattr(systems, "get_system", lambda name: FailingTeardown())
+    result = trial.run_trial(debug_spec())
+    assert result["status"] == "ok" and len(result["samples_s"]) == 3
+    assert result["check"]["passed"]
+    assert "teardown broke" in result["teardown_error"]

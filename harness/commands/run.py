@@ -212,6 +212,9 @@ def build_specs(args: argparse.Namespace) -> tuple[list, dict]:
     level = _choice(args.level, LEVELS, "level")
     mode = _choice(args.mode or DEFAULT_MODE[level], MODES, "mode")
     routing = _choice(args.routing, ROUTINGS, "routing")
+    if level == "model" and routing != "learned":
+        raise UsageError(f"--routing {routing} applies at layer level only: the model level routes every MoE "
+                         "layer with its learned gate (use --level layer, or leave --routing at learned)")
     _choice(args.dtype, tuple(DTYPES), "dtype")
     _choice(args.device, ("cpu", "cuda"), "device")
     if args.device == "cuda":
