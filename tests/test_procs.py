@@ -35,7 +35,16 @@ def test_timeout_kills_the_tree_and_reaps_the_child():
     assert time.monotonic() - started < 30
 
 
-def test_ctrl_c_kills_the_tree_and_is_re_raised():
+@pytest.fixture
+def sigint_raises():
+    """Python's own SIGINT handler for the test: a shell that starts a job in the background (as a CI
+    runner may) sets SIGINT to ignored, and Python then never raises KeyboardInterrupt."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_kills_the_tree_and_is_re_raised(sigint_raises):
     proc = procs.start([sys.executable, "-c", TREE], stdout=subprocess.PIPE, text=True)
     grandchild = _grandchild(proc)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
