@@ -140,17 +140,6 @@ def any_failed(results: list[CaseResult]) -> bool:
     return any(r.status in ("FAIL", "error") for r in results)
 
 
-def format_table(results: list[CaseResult]) -> str:
-    def err(v):
-        return "-" if v is None else f"{v:.1e}"
-
-    from harness.tables import text_table
-
-    header = ("system", "case", "result", "rel err y", "rel err dx", "tol", "note")
-    return text_table(header, [(r.system, r.case, r.status, err(r.max_rel_err_y), err(r.max_rel_err_dx),
-                                err(r.tolerance), r.note) for r in results])
-
-
 def results_table(results: list[CaseResult]) -> str:
     """The `moebench check` table: errors of y, dx, the worst weight gradient and l_aux against one
     tolerance, then each system's declared lower internal precision, once."""
@@ -169,13 +158,6 @@ def results_table(results: list[CaseResult]) -> str:
     declared = dict.fromkeys((r.system, r.declared_precision) for r in results if r.declared_precision)
     lines += [f"{system}: {note}" for system, note in declared]
     return "\n".join(lines)
-
-
-def write_json_atomic(path: str, payload) -> None:
-    """The check report, atomically (harness/files.py)."""
-    from harness.files import write_json_atomic as write
-
-    write(payload, path, indent=2)
 
 
 if __name__ == "__main__":

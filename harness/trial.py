@@ -25,8 +25,10 @@ checksum, or ``{"layers": [...]}`` at model level). A later round whose spec
 has check=False and ``verify`` = round 0's check["checksum"] recomputes those
 checksums on the same inputs and freshly loaded weights, also before the
 timed steps, and records result["check"] = {"passed", "kind": "checksum",
-"note", "max_deviation", "tolerance"} (harness/equivalence.py). ``forward`` mode is the forward half of a training step
-(autograd records the graph, nothing is backpropagated).
+"note", "max_deviation", "tolerance"} (harness/equivalence.py).
+
+``forward`` mode is the forward half of a training step (autograd records the
+graph, nothing is backpropagated).
 
 Legend: T tokens, M model dim.
 """
@@ -45,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from harness.environment import thread_record
+from harness.files import write_json_atomic
 from harness.host_memory import keep_freed_memory
 from harness.trial_spec import TrialSpec
 
@@ -82,13 +85,6 @@ def default_threads(spec: TrialSpec) -> int:
         return spec.parallel.threads_per_rank
     ranks_here = _env_int("LOCAL_WORLD_SIZE", spec.parallel.world_size // spec.parallel.nnodes)
     return max(1, len(os.sched_getaffinity(0)) // max(1, ranks_here))
-
-
-def write_json_atomic(data: dict, path: str | Path) -> None:
-    """The round's result, atomically (harness/files.py): the runner never reads a half-written file."""
-    from harness.files import write_json_atomic as write
-
-    write(data, path, indent=1)
 
 
 def describe_exception(exc: BaseException) -> str:

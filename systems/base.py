@@ -146,10 +146,16 @@ class MoELayerAdapter(nn.Module, ABC):
         without a gradient gives zeros. Raise GradientsNotComparable when there is no canonical form."""
         raise NotImplementedError(f"{type(self).__name__} does not map its gradients to canonical layout")
 
+    # Why this system computes part of the layer in fp32 when its input is fp64 ("" when it does not):
+    # the peers route or dispatch in fp32 whatever the input dtype.
+    fp64_computed_in_fp32: ClassVar[str] = ""
+
     def internal_precision(self, dtype: str) -> InternalPrecision | None:
         """The lower precision this system computes in for `dtype` input, and why; None: it computes
         in the input's precision. The check's tolerance is then that precision's (one mechanism for
-        every peer that routes or dispatches in fp32 whatever the input)."""
+        every such system; most declare it through fp64_computed_in_fp32)."""
+        if dtype == "float64" and self.fp64_computed_in_fp32:
+            return InternalPrecision("float32", self.fp64_computed_in_fp32)
         return None
 
     def aux_loss_mismatch(self) -> str:

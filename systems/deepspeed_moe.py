@@ -33,7 +33,6 @@ import torch
 from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
 from systems.base import (
     Availability,
-    InternalPrecision,
     MoELayerAdapter,
     MoEOutput,
     MoESystem,
@@ -63,6 +62,8 @@ def deepspeed_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_f
 
 
 class DeepSpeedMoELayer(MoELayerAdapter):
+    fp64_computed_in_fp32 = "DeepSpeed's gate computes in fp32 whatever the input dtype"
+
     def __init__(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec):
         super().__init__()
         from deepspeed.moe.layer import MoE
@@ -140,11 +141,6 @@ class DeepSpeedMoELayer(MoELayerAdapter):
         return CanonicalWeights(gate_EM=grad_of(self.moe.deepspeed_moe.gate.wg.weight), w1_EHM=stack("w1_HM"),
                                 w2_EHM=stack("w2_HM"), w3_EHM=stack("w3_HM"), b1_EH=stack("b1_H"),
                                 b2_EM=stack("b2_M"))
-
-    def internal_precision(self, dtype: str) -> InternalPrecision | None:
-        if dtype == "float64":
-            return InternalPrecision("float32", "DeepSpeed's gate computes in fp32 whatever the input dtype")
-        return None
 
     def aux_loss_mismatch(self) -> str:
         if self.shape.top_k > 2:

@@ -45,7 +45,6 @@ import torch.nn.functional as F
 from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
 from systems.base import (
     Availability,
-    InternalPrecision,
     MoELayerAdapter,
     MoEOutput,
     MoESystem,
@@ -96,6 +95,8 @@ def _router_class():
 
 
 class MegatronMoELayer(MoELayerAdapter):
+    fp64_computed_in_fp32 = "Megatron's router softmax runs in fp32 whatever the input dtype"
+
     def __init__(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec):
         super().__init__()
         from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
@@ -223,11 +224,6 @@ class MegatronMoELayer(MoELayerAdapter):
             w2.append(grad_of(mlp.linear_fc2.weight).T)
         return CanonicalWeights(gate_EM=grad_of(self.moe.router.weight), w1_EHM=torch.stack(w1),
                                 w2_EHM=torch.stack(w2), w3_EHM=torch.stack(w3) if w3 else None)
-
-    def internal_precision(self, dtype: str) -> InternalPrecision | None:
-        if dtype == "float64":
-            return InternalPrecision("float32", "Megatron's router softmax runs in fp32 whatever the input dtype")
-        return None
 
     def aux_loss_mismatch(self) -> str:
         if self.shape.top_k > 1:

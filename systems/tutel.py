@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
 from systems.base import (
     Availability,
-    InternalPrecision,
     MoELayerAdapter,
     MoEOutput,
     MoESystem,
@@ -35,6 +34,8 @@ NOT_INSTALLED = "the tutel package is not installed (pip install from its reposi
 
 
 class TutelLayer(MoELayerAdapter):
+    fp64_computed_in_fp32 = "Tutel's dispatch/encode kernels compute fp64 input in fp32 (relative errors about 8e-8)"
+
     def __init__(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec):
         super().__init__()
         from tutel import moe as tutel_moe
@@ -110,12 +111,6 @@ class TutelLayer(MoELayerAdapter):
         tensors = {name: grad_of(p) for name, p in params.items()}
         return canonical_from_tutel_experts(tensors, self.shape.activation, self.num_local, self.shape.model_dim,
                                             self.shape.ffn_dim, grad_of(self.moe.gates[0].wg.weight))
-
-    def internal_precision(self, dtype: str) -> InternalPrecision | None:
-        if dtype == "float64":
-            return InternalPrecision("float32", "Tutel's dispatch/encode kernels compute fp64 input in fp32 "
-                                     "(relative errors about 8e-8)")
-        return None
 
     def aux_loss_mismatch(self) -> str:
         return ""  # Tutel's top gate returns the GShard loss (tutel-semantics.md section 3)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness.check import CaseResult, any_failed, default_cases, format_table
+from harness.check import CaseResult, any_failed, default_cases, results_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +49,7 @@ def test_failures_and_errors_fail_the_run():
     crashed = CaseResult("d", "c1", "error", note="worker exit 1")
     assert not any_failed([ok, na])
     assert any_failed([ok, bad]) and any_failed([crashed])
-    table = format_table([ok, bad, na]).splitlines()
+    table = results_table([ok, bad, na]).splitlines()
     assert len(table) == 5 and set(table[1]) <= {"-", " "}  # header, rule, one row per result
     assert "FAIL" in table[3] and "2.0e-01" in table[3] and "no grouped GEMM" in table[4]
 
@@ -62,8 +62,6 @@ def test_default_cases_cover_dropless_capacity_and_dtypes():
 
 
 def test_results_table_shows_gradient_and_declared_precision():
-    from harness.check import results_table
-
     declared = "declared float32 for float64 input: the gate computes in fp32"
     ok = CaseResult("a", "c1", "pass", 1e-8, 2e-8, 1e-5, note=f"{declared} (1e-05 tolerance)",
                     rel_err={"y": 1e-8, "dx": 2e-8, "grad_w2_EHM": 3e-7, "l_aux": 4e-9}, max_rel_err_grad=3e-7,

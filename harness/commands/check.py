@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.check import any_failed, default_cases, results_table, run_system_in_subprocess, write_json_atomic
+    from harness.check import any_failed, default_cases, results_table, run_system_in_subprocess
+    from harness.files import write_json_atomic
     from systems import availability, system_names
 
     names = system_names()
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         "passed": not any_failed(results),
     }
     if args.out:
-        write_json_atomic(args.out, payload)
+        write_json_atomic(payload, args.out, indent=2)
     if args.json:
         print(json.dumps(payload, indent=2))
     else:
