@@ -166,15 +166,19 @@ def system_options(args: argparse.Namespace, names: list[str]) -> list[tuple[str
 
     declared = {name: dict(systems.load_system_class(name).options) for name in names}
     per_system: dict[str, dict] = {name: {} for name in names}
+
+    def require_declared(flag: str, name: str, key: str) -> None:
+        if key not in declared[name]:
+            raise UsageError(f"{flag}: {name} has no option {key!r} "
+                             f"(known: {', '.join(sorted(declared[name])) or 'none'})")
+
     for text in args.option:
         key, value = parse_option(text)
         target, dot, bare = key.partition(".")
         if dot and target in systems.system_names():
             if target not in names:
                 raise UsageError(f"--option {text}: system {target} is not among the selected systems")
-            if bare not in declared[target]:
-                raise UsageError(f"--option {text}: {target} has no option {bare!r} "
-                                 f"(known: {', '.join(sorted(declared[target])) or 'none'})")
+            require_declared(f"--option {text}", target, bare)
             per_system[target][bare] = value
             continue
         takers = [name for name in names if key in declared[name]]
@@ -191,9 +195,7 @@ def system_options(args: argparse.Namespace, names: list[str]) -> list[tuple[str
         options = dict(per_system[name])
         for part in rest.split(","):
             key, value = parse_option(part)
-            if key not in declared[name]:
-                raise UsageError(f"--variant {text}: {name} has no option {key!r} "
-                                 f"(known: {', '.join(sorted(declared[name])) or 'none'})")
+            require_declared(f"--variant {text}", name, key)
             options[key] = value
         if (name, options) in entries:
             raise UsageError(f"--variant {text} repeats an entry that already runs")
