@@ -21,7 +21,7 @@ Non-MoE weights are drawn from one generator seeded by ``seed`` in a fixed
 order (GPT-2 init: N(0, 0.02), residual output projections scaled by
 1/sqrt(2 n_layers), zero biases, unit norms), so two systems built with the
 same seed share every non-MoE weight; each MoE block i gets
-``CanonicalWeights.random(layer, seed * 1000 + i)``.
+``moe_block_weights(layer, seed, i)``.
 
 Legend: B batch, S sequence, T = B*S tokens, M model dim, V vocab.
 """
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.values import CanonicalWeights, MoEKnobs, ParallelSpec
+from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
 from systems.base import MoELayerAdapter, MoESystem
 from workloads.routing import seeded_generator
 from workloads.spec import Workload
@@ -48,6 +48,12 @@ INIT_STD = 0.02  # GPT-2 / nanoGPT
 def moe_block_indices(n_layers: int, moe_every: int) -> list[int]:
     """Blocks whose FFN is an MoE layer: the last of each group of `moe_every`."""
     return [i for i in range(n_layers) if (i + 1) % moe_every == 0]
+
+
+def moe_block_weights(layer: LayerShape, seed: int, block: int, dtype: torch.dtype) -> CanonicalWeights:
+    """The canonical weights build_model loads into MoE block `block`, drawn in fp64 and cast once to
+    `dtype`; the equivalence check compares against exactly these."""
+    return CanonicalWeights.random(layer, seed=seed * 1000 + block, dtype=dtype)
 
 
 def _norm(kind: str, dim: int, dtype, device) -> nn.Module:
@@ -186,7 +192,7 @@ def build_model(
     moe_layers = {}
     for i in moe_block_indices(workload.model.n_layers, workload.model.moe_every):
         layer = system.build_layer(workload.layer, knobs, parallel, layer_index=i)
-        layer.load_canonical(CanonicalWeights.random(workload.layer, seed=seed * 1000 + i).to(dtype=dtype))
+        layer.load_canonical(moe_block_weights(workload.layer, seed, i, dtype))
         moe_layers[i] = layer
     model = MoETransformer(workload, moe_layers, dtype, knobs.device)
     _init_non_moe(model, seed)

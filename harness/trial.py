@@ -321,7 +321,7 @@ def build_model_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict
     """The iteration papers report: forward, backward, data-parallel gradient sync, optimizer step."""
     from harness import flops
     from harness.distributed import sync_gradients
-    from harness.model import build_model, make_batch_pool, moe_block_indices
+    from harness.model import build_model, make_batch_pool, moe_block_indices, moe_block_weights
     from workloads.routing import make_layer_inputs
 
     workload, knobs, parallel = spec.workload, spec.knobs, spec.parallel
@@ -329,12 +329,12 @@ def build_model_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict
     model = build_model(workload, system, knobs, parallel, seed=knobs.seed)
     expected = _expected_checksum(spec)
     checks = []
-    # Every MoE layer, at layer level on the weights build_model loaded into it: make_layer_inputs
-    # with build_model's per-block seed gives exactly those weights (learned routing: the model's
-    # gates are random canonical ones), and tokens of this rank.
+    # Every MoE layer, at layer level on the weights build_model loaded into it (moe_block_weights),
+    # with learned-routing tokens of this rank seeded per block.
     for j, i in enumerate(moe_block_indices(workload.model.n_layers, workload.model.moe_every)):
-        x_TM, weights = make_layer_inputs(workload.layer, workload.tokens_per_step, "learned", knobs.seed * 1000 + i,
-                                          rank=rank, dtype=knobs.torch_dtype)
+        weights = moe_block_weights(workload.layer, knobs.seed, i, knobs.torch_dtype)
+        x_TM, _ = make_layer_inputs(workload.layer, workload.tokens_per_step, "learned", knobs.seed * 1000 + i,
+                                    rank=rank, dtype=knobs.torch_dtype)
         want = expected
         if expected is not None and "unusable" not in expected:
             layers = expected.get("layers") or []

@@ -154,3 +154,12 @@ def test_a_teardown_failure_keeps_the_round(monkeypatch):
     assert result["status"] == "ok" and len(result["samples_s"]) == 3
     assert result["check"]["passed"]
     assert "teardown broke" in result["teardown_error"]
+
+
+def test_model_level_fp64_check_compares_the_weights_actually_loaded():
+    """build_model and the check take each MoE block's weights from one function, cast once: in fp64
+    the check once compared fp32-rounded loaded weights with exact fp64 ones (6e-8, over 1e-10)."""
+    result = trial.run_trial(debug_spec(level="model", mode="train",
+                                        knobs=MoEKnobs(capacity_factor=1.2, dtype="float64")))
+    assert result["status"] == "ok", result["message"]
+    assert result["check"]["passed"] and result["check"]["max_rel_err_y"] <= 1e-10
