@@ -108,7 +108,10 @@ def run_cases(system_name: str, cases: list[CheckCase], options: dict | None = N
 
 
 def _worker_main() -> int:
+    from systems.plugins import register_plugins
+
     job = json.loads(sys.stdin.read())
+    register_plugins(job.get("plugins"))  # a plugin system is registered again in this fresh process
     cases = [CheckCase(**c) for c in job["cases"]]
     results = run_cases(job["system"], cases, job.get("options"))
     sys.stdout.flush()
@@ -117,14 +120,21 @@ def _worker_main() -> int:
 
 
 def run_system_in_subprocess(system_name: str, cases: list[CheckCase], options: dict | None = None,
-                             timeout_s: float = WORKER_TIMEOUT_S) -> list[CaseResult]:
-    """All cases of one system in a fresh process; a crash becomes an "error" row with its last line."""
+                             timeout_s: float = WORKER_TIMEOUT_S, plugins=None) -> list[CaseResult]:
+    """All cases of one system in a fresh process; a crash becomes an "error" row with its last line.
+
+    plugins: the absolute plugin references the worker registers first (default: the ones that
+    provide `system_name` in this process, systems.plugins.references_for)."""
+    from systems.plugins import references_for
+
+    plugins = references_for(system_name) if plugins is None else tuple(plugins)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(root, ".cache", "torch_extensions"))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # a lone process picks its own free port
-    job = json.dumps({"system": system_name, "cases": [asdict(c) for c in cases], "options": options or {}})
+    job = json.dumps({"system": system_name, "cases": [asdict(c) for c in cases], "options": options or {},
+                      "plugins": list(plugins)})
     proc = procs.run([sys.executable, "-m", "harness.check", "--worker"], timeout_s, input=job, text=True,
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=root, env=env)
     if proc.timed_out:  # its whole tree was killed

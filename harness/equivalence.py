@@ -30,8 +30,10 @@ Peers do not all route like Tutel when capacity is limited. A layer may say
 how via ``reference_policy() -> ReferencePolicy`` (called after its forward):
 the capacity it used, which choices it drops (slot position, as Tutel, or
 lowest probability, as Megatron), whether it renormalises gate values over the
-kept choices (DeepSpeed). The reference is then run with that policy, so what
-is comparable is compared, and the note says what differed. A layer without
+kept choices (DeepSpeed), or that it has no capacity rule at all (``dropless``:
+the reference then keeps every choice whatever the capacity factor). The
+reference is then run with that policy, so what is comparable is compared, and
+the note says what differed. A layer without
 ``reference_policy`` gets the old rule: the reference mirrors its capacity.
 
 Checksums (every round is checked): the full check also returns compact
@@ -50,12 +52,20 @@ Legend: T tokens, M model dim, E experts, K top-k choices.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
 from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
-from systems.base import DROP_ORDERS, TOLERANCE, GradientsNotComparable, MoELayerAdapter, ReferencePolicy
+from systems.base import (
+    AUX_LOSS_UNSTATED,
+    DROP_ORDERS,
+    TOLERANCE,
+    GradientsNotComparable,
+    MoELayerAdapter,
+    ReferencePolicy,
+)
 
 # Relative to sum|t| of a summarised tensor; 10x the equivalence tolerance (bf16: the same),
 # see the module docstring.
@@ -141,6 +151,8 @@ def policy_reference(shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec,
 
     if policy.drop_order not in DROP_ORDERS:
         raise ValueError(f"drop_order must be one of {DROP_ORDERS}, got {policy.drop_order!r}")
+    if policy.dropless:  # the system has no capacity rule: the reference keeps every choice too
+        knobs = dataclasses.replace(knobs, capacity_factor=None)
 
     class PolicyReference(ReferenceMoELayer):
         def route(self, x_TM):
@@ -231,7 +243,7 @@ def _compare_gradients(got: _Run, ref: _Run, layer: MoELayerAdapter, parallel: P
 
 def _compare_l_aux(got: _Run, ref: _Run, layer: MoELayerAdapter, errors: dict[str, float], notes: list[str]) -> None:
     why = layer.aux_loss_mismatch()
-    if not why and got.l_aux is None:
+    if got.l_aux is None and why in ("", AUX_LOSS_UNSTATED):
         why = "the system returns none"
     if why:
         notes.append(f"l_aux not comparable: {why}")
@@ -320,7 +332,7 @@ def _checksum_of(run: _Run, layer: MoELayerAdapter, knobs: MoEKnobs) -> dict:
     }
 
 
-def _deviation(got: list[list[float]], want: list[list[float]]) -> float:
+def summary_deviation(got: list[list[float]], want: list[list[float]]) -> float:
     """Largest |got - want| of any summary entry, relative to that slice's recorded sum|t|."""
     if len(got) != len(want):
         return float("inf")
@@ -334,14 +346,15 @@ def _deviation(got: list[list[float]], want: list[list[float]]) -> float:
 def compare_checksums(got: dict, want: dict) -> tuple[bool, float, str]:
     """(passed, worst deviation, note) of a recomputed checksum against the recorded one."""
     tol = want["tolerance"]
-    devs = {"y_TM": _deviation(got["y_TM"], want["y_TM"]), "dx_TM": _deviation(got["dx_TM"], want["dx_TM"])}
+    devs = {"y_TM": summary_deviation(got["y_TM"], want["y_TM"]),
+            "dx_TM": summary_deviation(got["dx_TM"], want["dx_TM"])}
     notes = []
     for name, summary in (want.get("grads") or {}).items():
         if got.get("grads") is None or name not in got["grads"]:
             notes.append(f"gradient {name} missing")
             devs[f"grad_{name}"] = float("inf")
         else:
-            devs[f"grad_{name}"] = _deviation(got["grads"][name], summary)
+            devs[f"grad_{name}"] = summary_deviation(got["grads"][name], summary)
     if want.get("l_aux") is not None:
         g = got.get("l_aux")
         devs["l_aux"] = float("inf") if g is None else abs(g - want["l_aux"]) / (abs(want["l_aux"]) or 1.0)

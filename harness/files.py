@@ -13,12 +13,15 @@ from pathlib import Path
 
 
 def write_json_atomic(data, path, indent: int | None = 1) -> Path:
-    """Serialise `data`, write a temp file in the same directory, fsync, os.replace, fsync the directory.
+    """Serialise `data`, then write it atomically (write_text_atomic).
 
-    Serialising first means a value json cannot encode fails before any file
-    exists; any failure after that removes the temp file.
-    """
-    text = json.dumps(data, indent=indent) + "\n"
+    Serialising first means a value json cannot encode fails before any file exists."""
+    return write_text_atomic(json.dumps(data, indent=indent) + "\n", path)
+
+
+def write_text_atomic(text: str, path) -> Path:
+    """Write a temp file in the same directory, fsync, os.replace, fsync the directory; any failure
+    removes the temp file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -7,7 +7,8 @@ the same row. The identity therefore covers everything that changes what is
 measured: the full workload spec, level, mode, routing, dtype, device, seed,
 capacity factor, parallel layout (world size, ep, tp, nodes, threads per
 rank), warm-up and timed steps, the host allocator policy, the input pool,
-and the system with its options.
+and the system with its options (and, for a plugin system, the plugin
+reference it was loaded from: built-in ids never carry one).
 
 * ``trial_id``: a readable prefix plus a stable hash of the whole identity;
   equal ids mean the same experiment (the only case where a newer run may
@@ -59,7 +60,12 @@ def work_identity(trial: dict) -> dict:
 
 
 def trial_identity(trial: dict) -> dict:
-    return {"system": trial["system"], "options": system_options(trial), **work_identity(trial)}
+    """The system part (its name, options and, for a plugin system only, the plugin reference it was
+    loaded from: two plugins may share a name) plus the work identity."""
+    system = {"system": trial["system"], "options": system_options(trial)}
+    if trial.get("plugins"):
+        system["plugins"] = list(trial["plugins"])
+    return {**system, **work_identity(trial)}
 
 
 def work_key(trial: dict) -> str:

@@ -205,6 +205,8 @@ def trial_record(spec: TrialSpec, rounds: list[dict]) -> dict:
         "peak_memory_bytes": max(memory) if memory else None,
         "timer": last.get("timer"), "threads_per_rank": last.get("threads"),
     }
+    if spec.plugins:  # a plugin system: which class ran is part of its identity (harness/identity.py)
+        record["plugins"] = list(spec.plugins)
     return {"id": trial_id(record), "work_key": work_key(record), **record}
 
 

@@ -218,3 +218,61 @@ def classify_change(paired: PairedRatio, threshold: float = 0.05) -> Comparison:
 
 def is_finite_positive(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+# ----------------------------------------------------------------- for the gate
+
+def p_greater(values) -> float | None:
+    """One-sided Wilcoxon signed-rank p-value that the log-ratios' centre is above 0 (a slowdown);
+    None below MIN_PAIRS_FOR_WILCOXON values."""
+    from scipy import stats as scipy_stats
+
+    logs = np.log(_as_array(values, "ratios"))
+    if logs.size < MIN_PAIRS_FOR_WILCOXON:
+        return None
+    if np.all(logs == 0):
+        return 1.0
+    return float(scipy_stats.wilcoxon(logs, alternative="greater").pvalue)
+
+
+def independent_ratio(numerator, denominator, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES,
+                      seed: int = BOOT_SEED) -> PairedRatio:
+    """Ratio of geometric means of two independent samples (a stored baseline's rounds against this
+    run's): a two-sample bootstrap of the difference of mean logs; p is one-sided Mann-Whitney
+    (numerator larger). n_pairs is the smaller sample's size; no per-round ratios exist."""
+    from scipy import stats as scipy_stats
+
+    num, den = np.log(_as_array(numerator)), np.log(_as_array(denominator))
+    diff = float(num.mean() - den.mean())
+    noise = float(np.sqrt((num.var(ddof=1) + den.var(ddof=1)) / 2)) if min(num.size, den.size) > 1 else None
+    n = int(min(num.size, den.size))
+    low = high = p_value = None
+    method = "none"
+    if n >= MIN_PAIRS_FOR_INTERVAL:
+        if np.ptp(num) <= 1e-12 and np.ptp(den) <= 1e-12:
+            low = high = math.exp(diff)
+            method = "degenerate"
+        else:
+            for method in ("BCa", "percentile"):
+                result = scipy_stats.bootstrap((num, den), lambda a, b, axis=-1: a.mean(axis) - b.mean(axis),
+                                               confidence_level=confidence, n_resamples=n_resamples,
+                                               method=method, rng=np.random.default_rng(seed), vectorized=True)
+                lo, hi = result.confidence_interval
+                if math.isfinite(lo) and math.isfinite(hi):
+                    low, high = math.exp(lo), math.exp(hi)
+                    break
+    if n >= MIN_PAIRS_FOR_WILCOXON:
+        p_value = float(scipy_stats.mannwhitneyu(num, den, alternative="greater").pvalue)
+    return PairedRatio(n, math.exp(diff), low, high, confidence, method, noise, p_value, (), ())
+
+
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm step-down adjusted p-values (None stays None and does not count as a test)."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    m = len(tested)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted

@@ -143,10 +143,11 @@ class Bench:
 
     def __init__(self, step: Callable[[int], torch.Tensor], after: Callable[[], None], routing: Callable[[], dict],
                  phase_times: Callable[[], dict | None], flops: Callable[[dict], dict], tokens: int,
-                 layers: list | None = None):
+                 layers: list | None = None, inputs: list | None = None):
         self.step, self.after, self.routing, self.phase_times, self.flops = step, after, routing, phase_times, flops
         self.tokens = tokens
         self.layers = layers or []  # the system's MoE layers (for what they report after the steps)
+        self.inputs = inputs or []  # layer level: the pool's input tensors (their .grad after a step)
 
     def tuning(self) -> list | None:
         """What each MoE layer's run-time tuner tried and chose (None when no layer tuned)."""
@@ -205,7 +206,7 @@ def build_layer_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict
         return layer.routing_stats().to_dict()
 
     return Bench(step, after, routing, layer.phase_times,
-                 lambda r: flops.layer_flops(shape, T, r, spec.mode), T, [layer]), check
+                 lambda r: flops.layer_flops(shape, T, r, spec.mode), T, [layer], xs_TM), check
 
 
 def _expected_checksum(spec: TrialSpec) -> dict | None:
@@ -439,7 +440,9 @@ def run_trial(spec: TrialSpec) -> dict:
             torch.cuda.set_device(local_rank())
             torch.cuda.reset_peak_memory_stats()
         from systems import get_system
+        from systems.plugins import register_plugins
 
+        register_plugins(spec.plugins)  # a plugin system is registered again in this fresh process
         system = get_system(spec.system)
         support = system.check_support(spec.workload.layer, spec.knobs, spec.parallel)
         if not support.ok:

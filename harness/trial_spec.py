@@ -48,6 +48,13 @@ class TrialSpec:
     launcher_node_rank: int = 0
     fault: str | None = None  # test hook, see FAULTS
     fault_rank: int | None = None  # rank the fault hits; None: every rank
+    # Absolute plugin references (systems/plugins.py) the child registers before it looks up
+    # `system`: (the plugin's reference,) for a plugin system, () for a built-in or an entry point.
+    plugins: tuple[str, ...] | list = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.plugins, list):  # from JSON
+            object.__setattr__(self, "plugins", tuple(self.plugins))
 
     def validate(self) -> None:
         if self.level not in LEVELS:
@@ -64,6 +71,8 @@ class TrialSpec:
             raise ValueError(f"input_pool must be a positive integer, got {self.input_pool!r}")
         if self.malloc not in MALLOC_MODES:
             raise ValueError(f"malloc must be one of {', '.join(MALLOC_MODES)}, got {self.malloc!r}")
+        if not isinstance(self.plugins, tuple) or not all(isinstance(p, str) and p for p in self.plugins):
+            raise ValueError(f"plugins must be a list of plugin references, got {self.plugins!r}")
         if self.fault is not None and self.fault not in FAULTS:
             raise ValueError(f"fault must be one of {', '.join(FAULTS)} or None, got {self.fault!r}")
         self.workload.validate()

@@ -1,10 +1,16 @@
 """Registry of MoE systems. Each entry is imported lazily so a missing peer
-package makes that one system unavailable, never the harness."""
+package makes that one system unavailable, never the harness.
+
+Three sources, in this order: the built-ins (REGISTRY), systems registered from
+plugin references (``--system-plugin``), and installed entry points of group
+``moebench.systems`` (systems/plugins.py). A plugin or entry point can never
+replace a built-in."""
 from __future__ import annotations
 
 import importlib
 import warnings
 
+from systems import plugins
 from systems.base import Availability, MoESystem
 
 # name -> "module:Class"
@@ -18,15 +24,25 @@ REGISTRY: dict[str, str] = {
 
 
 def system_names() -> list[str]:
-    return list(REGISTRY)
+    """Built-ins, then registered plugins, then entry points (read from the installed metadata once)."""
+    names = list(REGISTRY)
+    for name in (*plugins.plugin_names(), *plugins.entry_point_names()):
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def load_system_class(name: str) -> type[MoESystem]:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown system {name!r}; choose from {', '.join(REGISTRY)}")
-    module_name, class_name = REGISTRY[name].split(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, class_name)
+    if name in REGISTRY:
+        module_name, class_name = REGISTRY[name].split(":")
+        module = importlib.import_module(module_name)
+        return getattr(module, class_name)
+    cls = plugins.plugin_class(name)
+    if cls is not None:
+        return cls
+    if name in plugins.entry_point_systems():
+        return plugins.load_entry_point_class(name)  # ImportError with the reason when it is broken
+    raise ValueError(f"unknown system {name!r}; choose from {', '.join(system_names())}")
 
 
 def get_system(name: str) -> MoESystem:
@@ -43,4 +59,9 @@ def availability(name: str) -> Availability:
             cls = load_system_class(name)
         except ImportError as exc:
             return Availability.no(f"cannot import adapter: {exc}")
-        return cls.availability()
+        if name in REGISTRY:
+            return cls.availability()
+        try:  # someone else's code: whatever it raises is a reason, never a crash of the harness
+            return cls.availability()
+        except Exception as exc:  # noqa: BLE001
+            return Availability.no(f"availability check failed: {type(exc).__name__}: {exc}")

@@ -28,6 +28,7 @@ from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
 # Relative tolerances of the equivalence check, on max|a-b| / max|b|.
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 3e-2}
 DROP_ORDERS = ("position", "prob", "gate", "given")
+AUX_LOSS_UNSTATED = "the adapter does not say which aux loss it returns"  # MoELayerAdapter.aux_loss_mismatch's default
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class ReferencePolicy:
       candidates by torch.topk's unspecified tie order); the check then only
       verifies that each expert kept min(load, capacity) choices.
     renormalize_after_drop: gate values divided by the sum over *kept* choices.
+    dropless: the system drops nothing whatever the capacity factor (a layer with no capacity
+      rule); the reference then runs dropless too, and `note` should say so.
 
     A peer that computes in lower precision than its input declares that with
     :meth:`MoELayerAdapter.internal_precision`, not here.
@@ -54,6 +57,7 @@ class ReferencePolicy:
     keep_TK: torch.Tensor | None = None
     renormalize_after_drop: bool = False
     note: str = ""
+    dropless: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,9 +124,24 @@ class MoELayerAdapter(nn.Module, ABC):
     layer is owned by the wrapped module so optimizers see it.
     """
 
-    @abstractmethod
+    def canonical_parameters(self) -> dict[str, nn.Parameter | None] | None:
+        """The parameters that hold a canonical tensor as is (same shape and layout; this rank's
+        local_experts() slice), by canonical name (core/values.py), None for one the layer does not
+        have. An adapter that gives them gets load_canonical() and canonical_gradients() from this
+        class; the default (None) means it defines both itself, as every built-in adapter does."""
+        return None
+
     def load_canonical(self, weights: CanonicalWeights) -> None:
-        """Copy in the global canonical weights; the adapter picks its local experts."""
+        """Copy in the global canonical weights; the adapter picks its local experts.
+        Default: copy each of canonical_parameters() from its local_experts() slice."""
+        params = self.canonical_parameters()
+        if params is None:
+            raise NotImplementedError(f"{type(self).__name__} defines neither load_canonical nor canonical_parameters")
+        local = weights.expert_slice(*self.local_experts())
+        with torch.no_grad():
+            for name, param in params.items():
+                if param is not None:
+                    param.copy_(getattr(local, name))
 
     @abstractmethod
     def forward(self, x_TM: torch.Tensor) -> MoEOutput: ...
@@ -143,8 +162,12 @@ class MoELayerAdapter(nn.Module, ABC):
         gate gradient (from this rank's tokens only: no system reduces it inside backward) and the
         local experts' slice (local_experts(); from every token routed to them, whichever rank it
         came from). The inverse of load_canonical's mapping, applied to ``.grad``; a parameter
-        without a gradient gives zeros. Raise GradientsNotComparable when there is no canonical form."""
-        raise NotImplementedError(f"{type(self).__name__} does not map its gradients to canonical layout")
+        without a gradient gives zeros. Raise GradientsNotComparable when there is no canonical form.
+        Default: the gradients of canonical_parameters(), when the adapter gives them."""
+        params = self.canonical_parameters()
+        if params is None:
+            raise NotImplementedError(f"{type(self).__name__} does not map its gradients to canonical layout")
+        return CanonicalWeights(**{name: grad_of(param) for name, param in params.items()})
 
     # Why this system computes part of the layer in fp32 when its input is fp64 ("" when it does not):
     # the peers route or dispatch in fp32 whatever the input dtype.
@@ -160,8 +183,9 @@ class MoELayerAdapter(nn.Module, ABC):
 
     def aux_loss_mismatch(self) -> str:
         """Why the returned l_aux is not the reference's GShard loss (E * sum_e mean_t P[t,e] *
-        share of first choices on e, this rank's tokens), or "" when it is and can be compared."""
-        return "the adapter does not say which aux loss it returns"
+        share of first choices on e, this rank's tokens), or "" when it is and can be compared.
+        A layer that returns l_aux=None need not say anything: the check notes that it returns none."""
+        return AUX_LOSS_UNSTATED
 
     def phase_times(self) -> dict[str, float] | None:
         """Seconds per phase of the last step (gate, dispatch, experts, combine, comm), if measured."""
@@ -184,7 +208,8 @@ class MoELayerAdapter(nn.Module, ABC):
 
 
 class MoESystem(ABC):
-    """A MoE implementation the harness can run. Subclasses register in systems/__init__.py."""
+    """A MoE implementation the harness can run. Built-ins register in systems/__init__.py; any other
+    subclass is a plugin (systems/plugins.py: --system-plugin REF, or a moebench.systems entry point)."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
@@ -192,6 +217,9 @@ class MoESystem(ABC):
     options: ClassVar[dict[str, str]] = {}
     # Can ep exceed the expert count (ep % E == 0: each expert sharded over ep / E ranks, Tutel-style)?
     shards_experts: ClassVar[bool] = False
+    # Can its experts be split over expert-parallel ranks at all? False: every rank holds all experts
+    # (a single-process layer, e.g. a plugin), so check_support allows ep 1 only.
+    expert_parallel: ClassVar[bool] = True
 
     @classmethod
     def availability(cls) -> Availability:
@@ -209,6 +237,8 @@ class MoESystem(ABC):
         if parallel.tp != 1:
             return Availability.no(f"{self.name} runs without tensor parallelism (tp must be 1)")
         E, ep = shape.num_experts, parallel.ep
+        if ep > 1 and not self.expert_parallel:
+            return Availability.no(f"{self.name} keeps every expert in one process (ep must be 1, got {ep})")
         if E % ep and not (self.shards_experts and ep % E == 0):
             if self.shards_experts:
                 return Availability.no(f"{E} experts can be neither split over nor sharded across ep {ep} ranks")

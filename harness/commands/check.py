@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from harness import plugin_flag
 from harness.errors import UsageError
 
 NAME = "check"
@@ -15,7 +16,9 @@ HELP = "check each available MoE system against torch_reference on small shapes 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--systems", help="comma-separated systems to check (default: all registered)")
+    parser.add_argument("--systems", help="comma-separated systems to check (default: all registered, plugins "
+                                          "included)")
+    plugin_flag.add_argument(parser)
     parser.add_argument("--cases", help="comma-separated case names (default: all; see the table)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--out", metavar="FILE", help="also write the results JSON to FILE (atomically)")
@@ -26,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from harness.files import write_json_atomic
     from systems import availability, system_names
 
+    plugin_flag.register(args)
     names = system_names()
     chosen = names if not args.systems else [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in names]

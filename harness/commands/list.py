@@ -6,17 +6,22 @@ import contextlib
 import json
 import sys
 
+from harness import plugin_flag
+
 NAME = "list"
 HELP = "list systems (available here or not, and why) and workloads with their flavours and dimensions"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    plugin_flag.add_argument(parser)
 
 
 def system_rows() -> list[dict]:
-    """One row per registered system; a system whose adapter cannot even be imported is 'no', with the reason."""
+    """One row per registered system; a system whose adapter cannot even be imported is 'no', with the reason.
+    "source" says where it comes from: built-in, a plugin reference, or an installed entry point."""
     import systems
+    from systems.plugins import source_of
 
     rows = []
     for name in systems.system_names():
@@ -31,7 +36,7 @@ def system_rows() -> list[dict]:
         except Exception:  # already explained in the reason above
             description, options = "", {}
         rows.append({"name": name, "available": ok, "reason": reason, "description": description,
-                     "options": options})
+                     "options": options, "source": source_of(name)})
     return rows
 
 
@@ -63,15 +68,22 @@ def _text_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from systems.plugins import ignored_entry_points
+
     # Peer packages log to stdout while importing (deepspeed's accelerator notice); keep stdout for our output.
     with contextlib.redirect_stdout(sys.stderr):
+        plugin_flag.register(args)
         system_info = system_rows()
+    ignored = ignored_entry_points()
     workload_info = workload_rows()
     if args.json:
-        print(json.dumps({"systems": system_info, "workloads": workload_info}, indent=1))
+        print(json.dumps({"systems": system_info, "workloads": workload_info, "ignored_entry_points": ignored},
+                         indent=1))
         return 0
     print("Systems")
-    print(_text_table(system_info, ["name", "available", "reason", "description"]))
+    print(_text_table(system_info, ["name", "available", "reason", "description", "source"]))
+    for why in ignored.values():
+        print(f"ignored: {why}")
     print()
     print("System options (--option SYSTEM.KEY=VALUE for one system, --option KEY=VALUE for every system that "
           "declares KEY, --variant SYSTEM:KEY=VALUE[,...] for an extra labelled entry)")

@@ -13,6 +13,7 @@ import re
 import sys
 from pathlib import Path
 
+from harness import plugin_flag
 from harness.errors import UsageError
 from harness.host_memory import MALLOC_MODES
 
@@ -50,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--mode", help="forward | forward_backward | train (default: forward_backward for layer, "
                                   "train for model)")
     t.add_argument("--routing", default="learned", help="learned | balanced | zipf (default learned)")
-    t.add_argument("--systems", help="comma-separated systems (default: every system available here)")
+    t.add_argument("--systems", help="comma-separated systems (default: every system available here, "
+                                     "plugins included)")
+    plugin_flag.add_argument(t)
     t.add_argument("--capacity-factor", help="a positive number or 'dropless' (default: the workload's)")
     t.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float64 (default float32)")
     t.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
@@ -158,13 +161,24 @@ def select_systems(requested: str | None) -> tuple[list[str], dict[str, str]]:
     return names, unavailable
 
 
+def _declared_options(name: str) -> dict:
+    """The options system `name` declares; none when its class cannot even be loaded (it is then
+    recorded as skipped with select_systems' reason)."""
+    import systems
+
+    try:
+        return dict(systems.load_system_class(name).options)
+    except Exception:  # noqa: BLE001 - a broken install or plugin is a reason already, not a crash
+        return {}
+
+
 def system_options(args: argparse.Namespace, names: list[str]) -> list[tuple[str, dict]]:
     """(system, options) entries to run: each selected system with the options addressed to it, then
     each --variant. An option no selected system declares, or one addressed to a system that does
     not declare it, is a usage error before anything runs (never a silently skipped system)."""
     import systems
 
-    declared = {name: dict(systems.load_system_class(name).options) for name in names}
+    declared = {name: _declared_options(name) for name in names}
     per_system: dict[str, dict] = {name: {} for name in names}
 
     def require_declared(flag: str, name: str, key: str) -> None:
@@ -208,6 +222,7 @@ def build_specs(args: argparse.Namespace) -> tuple[list, dict]:
     from core.values import DTYPES, MoEKnobs, ParallelSpec
     from harness.launch import LaunchConfig
     from harness.trial_spec import MODES, TrialSpec
+    from systems.plugins import references_for
     from workloads.routing import ROUTINGS
     from workloads.spec import LEVELS
 
@@ -244,6 +259,7 @@ def build_specs(args: argparse.Namespace) -> tuple[list, dict]:
     workloads = resolve_workloads(args)
     for workload in workloads:
         parallel.validate(workload.layer.num_experts)
+    plugin_flag.register(args)  # --system-plugin: their systems join the registry before --systems is read
     names, unavailable = select_systems(args.systems)  # after the cheap checks: it imports the peer packages
     entries = system_options(args, names)
     specs = []
@@ -252,7 +268,8 @@ def build_specs(args: argparse.Namespace) -> tuple[list, dict]:
             knobs = MoEKnobs(capacity_factor=workload.capacity_factor, dtype=args.dtype, device=args.device,
                              seed=args.seed, options=dict(options))
             spec = TrialSpec(name, workload, level, mode, routing, knobs, parallel, warmup=args.warmup,
-                             steps=args.steps, timeout_s=args.timeout, check=not args.no_check, malloc=args.malloc)
+                             steps=args.steps, timeout_s=args.timeout, check=not args.no_check, malloc=args.malloc,
+                             plugins=references_for(name))
             spec.validate()
             specs.append(spec)
     return specs, unavailable
