@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import os
 from pathlib import Path
 
@@ -78,13 +77,12 @@ def new_baseline(suite, items: dict, command_line: list[str]) -> dict:
 
 def load_baseline(path: Path) -> dict:
     """A stored baseline, or a one-line UsageError naming the file and the problem."""
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
+    from harness.files import read_json
+
+    if not path.exists():
         raise UsageError(f"no stored baseline {path}; write one with `moebench baseline SUITE.toml`, "
-                         "or gate against a revision with --baseline-ref REV") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read stored baseline {path}: {exc}") from None
+                         "or gate against a revision with --baseline-ref REV")
+    doc = read_json(path, "stored baseline")
     if not isinstance(doc, dict) or doc.get("schema") != BASELINE_SCHEMA or not isinstance(doc.get("items"), dict):
         raise UsageError(f"{path} is not a moebench gate baseline")
     if doc.get("schema_version") != BASELINE_VERSION:

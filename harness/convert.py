@@ -32,9 +32,8 @@ import copy
 import datetime as dt
 import json
 import statistics
-from pathlib import Path
 
-from harness import schema
+from harness import files, schema
 from harness.errors import UsageError
 from harness.identity import stable_hash
 
@@ -55,29 +54,9 @@ NUMERIC_STATS = ("min", "max", "mean", "stddev", "median", "iqr", "q1", "q3", "o
 
 # ----------------------------------------------------------------- reading
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
 def read_json(path) -> dict:
     """The JSON object in `path`; any problem is one UsageError line naming the file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"input file {path} does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"input {path} is a directory, not a JSON file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    data = files.read_json(path, "input file")
     if not isinstance(data, dict):
         raise UsageError(f"{path} holds a JSON {type(data).__name__}, neither a moebench results document nor a "
                          "pytest-benchmark file (both are JSON objects)")
@@ -122,14 +101,14 @@ def check_pytest_benchmark(data: dict) -> None:
         if not isinstance(stats, dict):
             _fail(f"{where}.stats", "missing, or not an object")
         for key in ("median", "rounds"):
-            if not _is_num(stats.get(key)):
+            if not schema.is_num(stats.get(key)):
                 _fail(f"{where}.stats.{key}", f"missing, or not a number (got {stats.get(key)!r:.40})")
         data_ = stats.get("data")
         if data_ is not None:
             if not isinstance(data_, list):
                 _fail(f"{where}.stats.data", "not a list")
             for j, v in enumerate(data_):
-                if not _is_num(v) or not v > 0 or v == float("inf"):
+                if not schema.is_num(v) or not v > 0 or v == float("inf"):
                     _fail(f"{where}.stats.data[{j}]", f"a sample must be a finite positive number, got {v!r}")
 
 
@@ -325,7 +304,7 @@ def _environment(machine_info: dict, placeholders: list[str]) -> dict:
         "platform": known(platform or machine_info.get("platform"), "platform", UNKNOWN),
         "hostname": known(machine_info.get("node"), "hostname", UNKNOWN),
         "cpu_model": known(cpu.get("brand_raw") or machine_info.get("processor"), "cpu_model", UNKNOWN),
-        "cpu_count": known(count if _is_int(count) else None, "cpu_count", 0),
+        "cpu_count": known(count if schema.is_int(count) else None, "cpu_count", 0),
         "torch_threads": 0, "gpu": None,
     }
 
@@ -351,10 +330,10 @@ def _one_round(samples: list[float], wall_s: float, timer) -> dict:
 def _wall_s(bench: dict, samples: list[float]) -> tuple[float, bool]:
     """(the round's wall time, whether it is only the timed part)."""
     extra = bench.get("extra_info") or {}
-    if _is_num(extra.get("wall_s")):
+    if schema.is_num(extra.get("wall_s")):
         return float(extra["wall_s"]), False
     stats = bench["stats"]
-    iterations = stats.get("iterations") if _is_int(stats.get("iterations")) else 1
+    iterations = stats.get("iterations") if schema.is_int(stats.get("iterations")) else 1
     return float(sum(samples)) * iterations, True
 
 
@@ -383,7 +362,7 @@ def _trial_from_suite(bench: dict, samples: list[float], notes: list[str]) -> di
     if not samples:
         result.update(status="skipped", samples_s=[])
     record = trial_record(spec, [result])
-    if _is_int(extra.get("threads")):  # measured where it ran, not planned where it is converted
+    if schema.is_int(extra.get("threads")):  # measured where it ran, not planned where it is converted
         record["setup"]["threads_per_rank"] = extra["threads"]
         record["work_key"] = work_key(record)
     record["work"] = extra.get("work")
@@ -443,7 +422,7 @@ def _trial_from_benchmark(bench: dict) -> tuple[dict, list[str]]:
                              "--benchmark-save-data); they are kept under pytest_benchmark.stats")
         notes.append("no stats.data: no samples, status skipped")
     iterations = stats.get("iterations")
-    if _is_int(iterations) and iterations > 1:
+    if schema.is_int(iterations) and iterations > 1:
         notes.append(f"each sample is the mean of {iterations} iterations (pytest-benchmark's round)")
     trial["id"] = bench["fullname"]
     if TRIAL_KEY not in extra:  # the original entry, for the way back (a restored trial needs none)
@@ -484,12 +463,12 @@ def to_moebench(data: dict, source: str = "", command_line: list[str] | None = N
     specs = [(b.get("extra_info") or {}).get(SPEC_KEY) for b in data["benchmarks"]]
     specs = [s for s in specs if isinstance(s, dict)]
     warmup = _first_common([s.get("warmup") for s in specs], None) if specs and len(specs) == len(trials) else None
-    if not _is_int(warmup):
+    if not schema.is_int(warmup):
         placeholders.append("method.warmup (pytest-benchmark does not record warm-up rounds)")
         warmup = 0
     timed = [len(t["samples_s"]) for t in trials if t["samples_s"]]
     steps = _first_common(timed, None) if timed else None
-    if not _is_int(steps):
+    if not schema.is_int(steps):
         placeholders.append("method.steps (the benchmarks timed different numbers of rounds)")
         steps = 0
     timers = [(b.get("options") or {}).get("timer") for b in data["benchmarks"]]

@@ -1,4 +1,4 @@
-"""The one way the harness writes a JSON file that others read: atomically.
+"""The one way the harness writes a JSON file that others read (atomically), and reads one back.
 
 Results files, trial results and check reports are read by other processes
 (the runner, `report`, CI); a reader must see the old file or the complete
@@ -10,6 +10,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
+
+from harness.errors import UsageError
 
 
 def write_json_atomic(data, path, indent: int | None = 1) -> Path:
@@ -50,3 +52,21 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_json(path, what: str = "file"):
+    """The JSON value in `path`; a missing, unreadable or malformed file is one UsageError line
+    naming it (`what` says which kind of file the command expected)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} {path} is a directory, not a JSON file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None

@@ -13,7 +13,6 @@ statistics (RoutingStats.to_dict(), optional) go under "routing_stats".
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import secrets
 from pathlib import Path
@@ -40,11 +39,11 @@ class SchemaError(ValueError):
 
 # ---------------------------------------------------------------- type checks
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v) -> bool:
+def is_num(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
@@ -69,8 +68,8 @@ def _check_type(value, path: str, kind: str, nullable: bool = False):
         return
     ok = {
         "str": lambda v: isinstance(v, str),
-        "int": _is_int,
-        "number": _is_num,
+        "int": is_int,
+        "number": is_num,
         "bool": lambda v: isinstance(v, bool),
         "dict": lambda v: isinstance(v, dict),
         "list": lambda v: isinstance(v, list),
@@ -93,7 +92,7 @@ def _enum(value, path: str, choices: tuple[str, ...]) -> None:
 def _samples(values, path: str) -> None:
     _check_type(values, path, "list")
     for i, v in enumerate(values):
-        if not _is_num(v) or not math.isfinite(v) or v <= 0:
+        if not is_num(v) or not math.isfinite(v) or v <= 0:
             _fail(f"{path}[{i}]", f"sample must be a finite positive number, got {v!r}")
 
 
@@ -245,17 +244,9 @@ def write_atomic(doc: dict, path) -> Path:
 
 def load(path) -> dict:
     """Read and validate a results file; any problem is a UsageError with one line naming the file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"results file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read results file {path}: {exc}") from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    from harness.files import read_json
+
+    doc = read_json(path, "results file")
     try:
         validate(doc)
     except SchemaError as exc:
