@@ -352,7 +352,7 @@ def _trial_from_suite(bench: dict, samples: list[float], notes: list[str]) -> di
                          f"moebench reads ({type(exc).__name__}: {exc})") from None
     if samples and len(samples) != spec.steps:  # what this round timed (pytest-benchmark's rounds)
         notes.append(f"setup.steps is the {len(samples)} steps pytest-benchmark timed (the suite's benchmark "
-                     f"times {spec.steps} per measurement)")
+                     f"times {spec.steps} steps per side per round)")
         spec = spec.with_changes(steps=len(samples))
     wall, timed_only = _wall_s(bench, samples)
     result = {**_one_round(samples, wall, (bench.get("options") or {}).get("timer")),

@@ -192,7 +192,7 @@ def test_gate_suite_autosave_becomes_a_real_trial(inputs):
     (bench,) = data["benchmarks"]
     assert bench["fullname"] == "benchmarks/test_gate_suite.py::test_gate_suite[tiny-debug/tutel_native]"
     assert bench["group"] == "tiny-debug"
-    assert len(bench["stats"]["data"]) == bench["stats"]["rounds"] == 5  # 5 x steps
+    assert len(bench["stats"]["data"]) == bench["stats"]["rounds"] == 10  # ROUNDS_PER_QUARTET x quartets (1)
     work = bench["extra_info"]["work"]
     assert {"tokens_per_expert", "flops", "checksums", "dropped"} <= set(work)
     assert work["flops"] > 0 and work["checksums"]["output"]
@@ -203,7 +203,7 @@ def test_gate_suite_autosave_becomes_a_real_trial(inputs):
     assert (trial["system"], trial["workload"], trial["flavor"]) == ("tutel_native", "mixtral-8x7b", "debug")
     assert trial["samples_s"] == bench["stats"]["data"]
     assert trial["flops"]["executed"] > 0 and trial["throughput"]["tokens_per_s"] > 0
-    assert trial["work"] == work and trial["setup"]["steps"] == 5
+    assert trial["work"] == work and trial["setup"]["steps"] == 10
     assert doc["environment"]["torch"] == data["machine_info"][convert.ENV_KEY]["torch"] != convert.UNKNOWN
     assert doc["method"]["warmup"] == 1 and doc["converted_from"]["placeholders"] == []
     assert convert.to_pytest_benchmark(json.loads(json.dumps(doc)))["benchmarks"] == data["benchmarks"]
