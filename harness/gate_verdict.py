@@ -107,12 +107,9 @@ def apply_holm(verdicts: list[ItemVerdict], confidence: float) -> None:
     adjusted = stats.holm([v.evidence.p_value for v in timed])
     for item, p in zip(timed, adjusted, strict=True):
         item.p_holm = p
-        if item.verdict in (FAIL, PASS, UNDECIDED, INCONCLUSIVE):
-            decided = decide(item.evidence, item.threshold, alpha, p_adjusted=p if p is not None else 1.0)
-            if decided != UNDECIDED:
-                item.verdict = decided
-            elif item.verdict in (FAIL, PASS):
-                item.verdict = INCONCLUSIVE
-                item.reason = "significant only before the Holm correction across the suite"
-            if item.verdict == INCONCLUSIVE and not item.reason:
-                item.reason = "the time budget ran out before the interval decided"
+        decided = decide(item.evidence, item.threshold, alpha, p_adjusted=p if p is not None else 1.0)
+        if decided != UNDECIDED:
+            item.verdict = decided
+        elif item.verdict in (FAIL, PASS):
+            item.verdict = INCONCLUSIVE
+            item.reason = "significant only before the Holm correction across the suite"
