@@ -53,6 +53,13 @@ quartets = 1
 '''
 
 
+def _pytest_in(rootdir) -> list:
+    """`python -m pytest` with its rootdir pinned: pytest guesses the rootdir from every existing path on
+    the command line, a plugin option's value included, so a benchmark's fullname would otherwise depend
+    on which files a concurrent run had already created."""
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={rootdir}"]
+
+
 def _start(argv, cwd) -> subprocess.Popen:
     return subprocess.Popen([str(a) for a in argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -81,12 +88,11 @@ def inputs(tmp_path_factory):
         "run": _start([py, "-m", "harness", "run", "--workload", "mixtral-8x7b", "--flavor", "debug", "--systems",
                        "torch_reference", "--repeats", "3", "--steps", "2", "--warmup", "0", "--out", tmp / "results"],
                       REPO),
-        "tiny": _start([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_tiny.py",
-                        "--benchmark-json", tmp / "tiny.json", "--benchmark-autosave", "--benchmark-storage",
-                        tmp / "tiny_store"], tiny),
-        "gate": _start([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/test_gate_suite.py",
-                        "--moebench-suite", tmp / "tiny_suite.toml", "--benchmark-autosave", "--benchmark-storage",
-                        tmp / "gate_store"], REPO),
+        "tiny": _start([*_pytest_in(tiny), "test_tiny.py", f"--benchmark-json={tmp / 'tiny.json'}",
+                        "--benchmark-autosave", f"--benchmark-storage={tmp / 'tiny_store'}"], tiny),
+        "gate": _start([*_pytest_in(REPO), "benchmarks/test_gate_suite.py",
+                        f"--moebench-suite={tmp / 'tiny_suite.toml'}",
+                        "--benchmark-autosave", f"--benchmark-storage={tmp / 'gate_store'}"], REPO),
     }
     done = {name: _ok(_finish(proc)) for name, proc in procs.items()}
     (results,) = sorted((tmp / "results").glob("*.json"))
@@ -226,8 +232,8 @@ def test_pytest_benchmark_reads_and_compares_against_converted_files(inputs):
         for trial in scaled["trials"]:
             trial["samples_s"] = [s * factor for s in trial["samples_s"]]
         (tiny / f"{name}.json").write_text(json.dumps(convert.to_pytest_benchmark(scaled)))
-    compare = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_tiny.py", "--benchmark-storage",
-               tmp / "compare_store", "--benchmark-compare-fail=median:10%"]
+    compare = [*_pytest_in(tiny), "test_tiny.py", f"--benchmark-storage={tmp / 'compare_store'}",
+               "--benchmark-compare-fail=median:10%"]
     shown = _start([py, "-m", "pytest_benchmark", "compare", converted.name, "--columns=median,rounds",
                     "--time-unit=ms"], tiny)
     faster = _start([*compare, "--benchmark-compare=faster.json"], tiny)
@@ -237,6 +243,8 @@ def test_pytest_benchmark_reads_and_compares_against_converted_files(inputs):
     trial = _load(inputs["results"])["trials"][0]
     assert _ok(shown).stdout.count(trial["id"]) == 1
     assert f"{trial['summary']['median'] * 1e3:,.4f}" in shown.stdout  # its median, in ms
+    for run in (faster, slower):  # each test beside the converted file's entry for it
+        assert run.stdout.count("(NOW)") == 3, run.stdout[-3000:]
     assert faster.returncode != 0, faster.stdout[-2000:]
     assert "Performance has regressed" in faster.stdout + faster.stderr
     assert "test_sleep[1]" in faster.stdout + faster.stderr
