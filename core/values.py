@@ -22,19 +22,45 @@ Legend: T tokens, M model dim, H expert hidden, E experts.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from core.errors import InputError
+from core.names import unknown_name_message
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+SEED_RANGE = range(-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
 
 def torch_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+    except (KeyError, TypeError):
+        raise InputError(unknown_name_message("dtype", name, DTYPES), "dtype") from None
+
+
+def require_positive_ints(owner: object, names: tuple[str, ...]) -> None:
+    """InputError naming the first of `names` that is not a positive integer (a bool is not one)."""
+    for name in names:
+        value = getattr(owner, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise InputError(f"{name} must be a positive integer, got {value!r}", name)
+
+
+def is_finite_positive(value: object) -> bool:
+    """A number above zero that a float holds: not NaN, not infinite, not 10**400 (nor a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+ACTIVATIONS = ("gelu", "relu", "swiglu")
 
 
 @dataclass(frozen=True)
@@ -53,16 +79,15 @@ class LayerShape:
         return 3 if self.activation == "swiglu" else 2
 
     def validate(self) -> None:
-        for name in ("model_dim", "ffn_dim", "num_experts", "top_k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_ints(self, ("model_dim", "ffn_dim", "num_experts", "top_k"))
         if self.top_k > self.num_experts:
-            raise ValueError(f"top_k ({self.top_k}) is larger than num_experts ({self.num_experts})")
-        if self.activation not in ("gelu", "relu", "swiglu"):
-            raise ValueError(f"activation must be gelu, relu or swiglu, got {self.activation!r}")
+            raise InputError(f"top_k ({self.top_k}) is larger than num_experts ({self.num_experts})", "top_k")
+        if self.activation not in ACTIVATIONS:
+            raise InputError(unknown_name_message("activation", self.activation, ACTIVATIONS), "activation")
+        if not isinstance(self.expert_bias, bool):
+            raise InputError(f"expert_bias must be true or false, got {self.expert_bias!r}", "expert_bias")
         if self.activation == "swiglu" and self.expert_bias:
-            raise ValueError("expert_bias is not supported with swiglu experts")
+            raise InputError("expert_bias is not supported with swiglu experts", "expert_bias")
 
 
 @dataclass(frozen=True)
@@ -79,10 +104,11 @@ class MoEKnobs:
 
     def validate(self) -> None:
         torch_dtype(self.dtype)
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(
-                f"capacity_factor must be positive or None (dropless), got {self.capacity_factor!r}"
-            )
+        if self.capacity_factor is not None and not is_finite_positive(self.capacity_factor):
+            raise InputError(f"capacity_factor must be a finite positive number or None (dropless), "
+                             f"got {self.capacity_factor!r}", "capacity_factor")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed not in SEED_RANGE:
+            raise InputError(f"seed must be an integer in -2**63..2**64-1, got {self.seed!r}", "seed")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -108,19 +134,16 @@ class ParallelSpec:
         return self.world_size // (self.ep * self.tp)
 
     def validate(self, num_experts: int | None = None) -> None:
-        for name in ("world_size", "ep", "tp", "nnodes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_ints(self, ("world_size", "ep", "tp", "nnodes"))
+        if self.threads_per_rank is not None:
+            require_positive_ints(self, ("threads_per_rank",))
         if self.world_size % (self.ep * self.tp):
-            raise ValueError(
-                f"world size {self.world_size} is not divisible by ep*tp = {self.ep * self.tp}"
-            )
+            raise InputError(f"world size {self.world_size} is not divisible by ep*tp = {self.ep * self.tp}", "ep")
         if self.world_size % self.nnodes:
-            raise ValueError(f"world size {self.world_size} is not divisible by nnodes {self.nnodes}")
+            raise InputError(f"world size {self.world_size} is not divisible by nnodes {self.nnodes}", "nnodes")
         if num_experts is not None and num_experts % self.ep and self.ep % num_experts:
             # ep > E with ep % E == 0 is sharded experts (Tutel); systems without them say so.
-            raise ValueError(f"num_experts {num_experts} and ep {self.ep}: neither divides the other")
+            raise InputError(f"num_experts {num_experts} and ep {self.ep}: neither divides the other", "ep")
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 Each subcommand lives in its own module under harness/commands/ and defines
 NAME, HELP, ``add_arguments(parser)`` and ``run(args) -> int``. Bad input
-raises UsageError (or ValueError) and becomes one line on stderr, exit 2.
+raises InputError (core/errors.py; UsageError is one) and becomes one line on
+stderr, exit 2. Anything else escaping a command is a bug in moebench, and is
+shown as one: the traceback, then one line saying so, exit 1. A bug must never
+look like a typo of the user's.
 """
 from __future__ import annotations
 
@@ -10,9 +13,12 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import traceback
 
 import harness.commands
-from harness.errors import UsageError
+from core.errors import InputError
+
+EXIT_INTERNAL_ERROR, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def _command_modules():
@@ -51,15 +57,27 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(command=argv[0], extra_args=argv[1:])
     else:
         args = parser.parse_args(argv)
+        args.given_argv = list(argv[1:])  # what was typed, for commands that must know which flags were given
     if args.command is None:
         parser.print_help()
         return 2
     command = handlers[args.command]
     try:
         return int(command.run(args) or 0)
-    except (UsageError, ValueError) as exc:
-        print(f"moebench {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except InputError as exc:
+        print(f"moebench {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("moebench: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the one place that catches everything: to say it is a bug
+        traceback.print_exc()
+        print(f"moebench {args.command}: internal error (a bug in moebench, not in your input): "
+              f"{type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (a message from code we do not own may span several)."""
+    parts = [part.strip() for part in str(exc).splitlines() if part.strip()]
+    return " | ".join(parts) or type(exc).__name__

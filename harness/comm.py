@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-COLLECTIVES = ("all_to_all", "all_reduce", "all_gather", "reduce_scatter")
+from harness.results_model import COLLECTIVES  # the collectives are the results schema's "comm" modes
 
 
 def bus_factor(op: str, world: int) -> float:

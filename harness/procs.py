@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psutil
@@ -142,3 +143,37 @@ def kill_tree(proc: subprocess.Popen | int, grace_s: float = GRACE_S) -> None:
         proc.wait()
     elif root is not None:
         psutil.wait_procs([root], timeout=grace_s)
+
+
+# ----------------------------------------------------------------- stopping the parent
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, raised like Ctrl-C so the same clean-up (wait() kills the child's tree) runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+@contextmanager
+def interruptible():
+    """SIGINT and SIGTERM raise Interrupted; while that clean-up runs (bounded by the grace
+    period), further signals are ignored so it cannot itself be cut short and leave children."""
+    stopping = []
+
+    def handler(signum, frame):
+        if stopping:
+            return
+        stopping.append(signum)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -9,11 +9,14 @@ the equivalence check does not get a speedup unless asked for explicitly.
 """
 from __future__ import annotations
 
+import json
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import schema, stats
+from harness.convert import PYTEST_BENCHMARK, detect_format
 from harness.errors import UsageError
 from harness.identity import differences, system_label, work_identity, work_key
 from harness.tables import markdown_table
@@ -43,6 +46,7 @@ class Report:
     speedup_markdown: str
     written: list[Path]
     baseline: str | None
+    skipped: list[Skipped] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- loading
@@ -64,6 +68,97 @@ def find_result_files(paths: list[str]) -> list[Path]:
     if not files:
         raise UsageError("no results files given")
     return list(dict.fromkeys(files))
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A results file the report left out, and why: one bad file must not cost the tables of the rest.
+
+    `reason` reads after "PATH is" ("not valid JSON (...)", "empty", ...)."""
+    path: Path
+    reason: str
+
+    def warning(self) -> str:
+        return f"moebench report: warning: skipping {self.path}: {self.reason}"
+
+    def sentence(self) -> str:
+        return f"{self.path} is {self.reason}"
+
+
+class _Unusable(Exception):
+    """A results file the report cannot use; the message is the Skipped reason."""
+
+
+def load_results(files: list[Path]) -> tuple[list[dict], list[Skipped]]:
+    """The valid results documents among `files`, and the files left out with their reasons."""
+    docs: list[dict] = []
+    skipped: list[Skipped] = []
+    for path in files:
+        try:
+            docs.append(_read_results(path))
+        except _Unusable as exc:
+            skipped.append(Skipped(path, str(exc)))
+    return docs, skipped
+
+
+def _read_results(path: Path) -> dict:
+    data = _read_json(path)
+    _check_ours(data)
+    try:
+        schema.validate(data)
+    except schema.NewerVersionError as exc:
+        raise _Unusable(f"from a newer moebench ({exc})") from None
+    except schema.SchemaError as exc:
+        raise _Unusable(f"not a valid moebench results file: {exc}") from None
+    return data
+
+
+def _read_json(path: Path):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise _Unusable(f"unreadable ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise _Unusable("not text (not UTF-8), so not a results file") from None
+    if not text.strip():
+        raise _Unusable("empty")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _Unusable(_json_problem(exc, text)) from None
+
+
+def _json_problem(exc: json.JSONDecodeError, text: str) -> str:
+    """Says "truncated" when the text stops mid-value: a writer killed mid-way, not a hand-edit gone wrong."""
+    place = f"line {exc.lineno}, column {exc.colno}"
+    # Some messages end in "at" ("Unterminated string starting at") and read on into the place.
+    where = f"{exc.msg} {place}" if exc.msg.endswith(" at") else f"{place}: {exc.msg}"
+    cut = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
+    return f"not valid JSON ({where}){'; the text stops mid-document, so it looks truncated' if cut else ''}"
+
+
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def _check_ours(data) -> None:
+    """Other JSON (pytest-benchmark output, a gate report) is not ours: say what it is, not which key it lacks."""
+    if not isinstance(data, dict):
+        raise _Unusable(f"not a moebench results file (it holds a JSON {_JSON_KINDS.get(type(data), 'value')}, "
+                        "not an object)")
+    if data.get("schema") == schema.SCHEMA_NAME:
+        return
+    if detect_format(data) == PYTEST_BENCHMARK:
+        raise _Unusable("a pytest-benchmark file, not moebench results (`moebench convert` turns it into one)")
+    raise _Unusable(f"not a moebench results file (no \"schema\": \"{schema.SCHEMA_NAME}\")")
+
+
+def _nothing_usable(skipped: list[Skipped]) -> UsageError:
+    """One line however many files were left out: the first few reasons, then a count."""
+    if len(skipped) == 1:
+        return UsageError(skipped[0].sentence())
+    shown = "; ".join(s.sentence() for s in skipped[:3])
+    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return UsageError(f"none of the {len(skipped)} results files is usable: {shown}{more}")
 
 
 def _format_cf(knobs: dict) -> str:
@@ -433,7 +528,12 @@ def _csv_speedup(cells: dict, baseline: str):
 
 
 def build_report(options: ReportOptions) -> Report:
-    docs = [schema.load(path) for path in find_result_files(options.paths)]
+    """The tables from every usable results file; each file left out is one warning line on stderr."""
+    docs, skipped = load_results(find_result_files(options.paths))
+    if not docs:
+        raise _nothing_usable(skipped)
+    for item in skipped:
+        print(item.warning(), file=sys.stderr)
     frame, superseded = trials_frame(docs)
     baseline = choose_baseline(frame, options.baseline)
     systems = _system_order(frame, baseline)
@@ -464,4 +564,4 @@ def build_report(options: ReportOptions) -> Report:
     written[2].write_text(speedup_md, encoding="utf-8")
     _csv_speedup(cells, baseline or "").to_csv(written[3], index=False)
     written.append(plot_iteration_times(frame, systems, out_dir / "iteration_time.png", options.title))
-    return Report(iteration_md, speedup_md, written, baseline)
+    return Report(iteration_md, speedup_md, written, baseline, skipped)

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import TextIO
 
 from harness import procs
+from harness.journal import Journal
 from harness.launch import REPO_DIR, LaunchConfig, child_env, trial_command
+from harness.progress import RunProgress
 from harness.report import DEFAULT_BASELINES as BASELINE_PREFERENCE  # same choice as the reports
 from harness.trial_spec import TrialSpec
 
@@ -39,6 +41,7 @@ class RunOptions:
     grace_s: float = GRACE_S
     order_seed: int = 0  # seeds the random order of trials inside each round (round_orders)
     progress: TextIO = field(default_factory=lambda: sys.stderr)
+    journal: Journal | None = None  # each finished round is appended here (harness/journal.py)
 
 
 # ----------------------------------------------------------------- processes
@@ -72,7 +75,16 @@ def _empty_round(status: str, message: str) -> dict:
 
 
 def run_round(spec: TrialSpec, workdir: Path, sequence: int, options: RunOptions) -> dict:
-    """Run one round of `spec` in a child process; the child's result dict, or one saying why there is none."""
+    """Run one round of `spec` in a child process; the child's result dict, or one saying why there is none.
+
+    A round the memory guard refuses is never launched (status too_large, harness/memory_guard.py); a
+    child killed by SIGKILL that no timeout killed was, most likely, killed by the kernel's OOM killer."""
+    from harness import memory_guard
+
+    verdict = memory_guard.guard(spec)
+    if verdict.fits is False:
+        return {**_empty_round("too_large", verdict.message), "wall_s": 0.0, "exit_code": None,
+                "memory_guard": verdict.message}
     tag = f"round{sequence:04d}"
     spec_path, out_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.out.json"
     stdout_path, stderr_path = workdir / f"{tag}.stdout", workdir / f"{tag}.stderr"
@@ -91,12 +103,16 @@ def run_round(spec: TrialSpec, workdir: Path, sequence: int, options: RunOptions
     elif result is None and options.node_rank != 0 and rc == 0:
         result = _empty_round("ok", "result written on node 0")
         result["remote"] = True
+    elif result is None and memory_guard.killed_by_sigkill(rc, _tail(stderr_path, memory_guard.STDERR_LINES)):
+        result = _empty_round("oom", "trial process killed by signal 9 (SIGKILL) before its timeout, most likely "
+                                     "by the kernel's out-of-memory killer")
     elif result is None:
         tail = _tail(stderr_path)
         result = _empty_round("error", f"trial process exited with code {rc} without a result"
                                        + (f"; stderr tail:\n{tail}" if tail else ""))
     result["wall_s"] = wall
     result["exit_code"] = rc
+    result["memory_guard"] = verdict.message
     return result
 
 
@@ -203,6 +219,12 @@ def trial_record(spec: TrialSpec, rounds: list[dict]) -> dict:
         "tuning": last.get("tuning"),  # the last round's; every round's is in its round entry
         "check": _combined_check(rounds),
         "peak_memory_bytes": max(memory) if memory else None,
+        # what the peak covers (the system's own steps; harness/trial.py), the whole process's peak
+        # (check included), and the memory guard's estimate before launch (harness/memory_guard.py)
+        "peak_memory_scope": last.get("peak_memory_scope"),
+        "process_peak_memory_bytes": max((r["process_peak_memory_bytes"] for r in rounds
+                                          if r.get("process_peak_memory_bytes") is not None), default=None),
+        "memory_guard": rounds[0].get("memory_guard") if rounds else None,
         "timer": last.get("timer"), "threads_per_rank": last.get("threads"),
     }
     if spec.plugins:  # a plugin system: which class ran is part of its identity (harness/identity.py)
@@ -257,35 +279,53 @@ def round_orders(n_trials: int, repeats: int, seed: int) -> list[list[int]]:
 
 def run_trials(specs: list[TrialSpec], options: RunOptions) -> list[dict]:
     """Every spec for options.repeats interleaved rounds, in a seeded random order inside each round;
-    one trial record per spec, in the order given."""
+    one trial record per spec, in the order given.
+
+    With options.journal, each finished round is appended to it before the next starts, and the
+    rounds it already holds (a resumed run) are not run again: the records come out the same."""
     n, repeats = len(specs), options.repeats
-    rounds: list[list[dict]] = [[] for _ in specs]
-    stopped: set[int] = set()
-    verified: dict[int, dict] = {}  # trial -> checksums its first round verified against the reference
+    journal = options.journal
+    rounds: list[dict[int, dict]] = [{} for _ in specs]  # trial -> {round index: result}
+    for entry in journal.rounds if journal else ():
+        rounds[entry["trial"]][entry["round"]] = entry["result"]
     multi_node = any(s.parallel.nnodes > 1 for s in specs)
+    # A trial whose round failed runs no further rounds (single node); round 0 verified its checksums.
+    stopped = set() if multi_node else {i for i, done in enumerate(rounds)
+                                        if any(r["status"] != "ok" for r in done.values())}
+    verified = {i: done[0]["check"]["checksum"] for i, done in enumerate(rounds)
+                if 0 in done and (done[0].get("check") or {}).get("passed")
+                and done[0]["check"].get("checksum") is not None}
+    progress = RunProgress(n * repeats, options.progress, done=sum(map(len, rounds)))
+    progress.plan({i: repeats - len(rounds[i]) for i in range(n)})
+    for i in stopped:
+        progress.stopped_early(i)
     orders = round_orders(n, repeats, options.order_seed)
-    with tempfile.TemporaryDirectory(prefix="moebench-") as tmp:
-        for r, order in enumerate(orders):
-            for position, i in enumerate(order):
-                spec = specs[i]
-                sequence = r * n + position
-                if i in stopped:
-                    continue
-                first = r == 0
-                round_spec = spec.with_changes(check=spec.check and first,
-                                               verify=None if first else verified.get(i),
-                                               launcher_node_rank=options.node_rank)
-                result = run_round(round_spec, Path(tmp), sequence, options)
-                result.update(position=position, sequence=sequence)
-                rounds[i].append(result)
-                checksum = (result.get("check") or {}).get("checksum")
-                if first and checksum is not None and result["check"].get("passed"):
-                    verified[i] = checksum
-                print(f"[{sequence + 1}/{n * repeats}] {describe(spec)} ... {_outcome(result)}",
-                      file=options.progress, flush=True)
-                if result["status"] != "ok" and not multi_node:
-                    stopped.add(i)
-    return [trial_record(spec, spec_rounds) for spec, spec_rounds in zip(specs, rounds, strict=True)]
+    try:
+        with tempfile.TemporaryDirectory(prefix="moebench-") as tmp:
+            for r, order in enumerate(orders):
+                for position, i in enumerate(order):
+                    if i in stopped or r in rounds[i]:
+                        continue
+                    spec, sequence, first = specs[i], r * n + position, r == 0
+                    round_spec = spec.with_changes(check=spec.check and first,
+                                                   verify=None if first else verified.get(i),
+                                                   launcher_node_rank=options.node_rank)
+                    progress.starting(describe(spec))
+                    result = run_round(round_spec, Path(tmp), sequence, options)
+                    result.update(position=position, sequence=sequence)
+                    if journal is not None:
+                        journal.append(i, r, result)
+                    rounds[i][r] = result
+                    checksum = (result.get("check") or {}).get("checksum")
+                    if first and checksum is not None and result["check"].get("passed"):
+                        verified[i] = checksum
+                    progress.finished(i, describe(spec), _outcome(result), result.get("wall_s") or 0.0)
+                    if result["status"] != "ok" and not multi_node:
+                        stopped.add(i)
+                        progress.stopped_early(i)
+    finally:
+        progress.close()
+    return [trial_record(spec, [done[r] for r in sorted(done)]) for spec, done in zip(specs, rounds, strict=True)]
 
 
 MALLOC_NOTES = {
@@ -330,10 +370,13 @@ def method(warmup: int, steps: int, rounds: int, timer: str = "perf_counter", ma
     }
 
 
-def write_results(trials: list[dict], method_dict: dict, command_line: list[str], out_dir: Path) -> Path:
+def write_results(trials: list[dict], method_dict: dict, command_line: list[str], out_dir: Path,
+                  run_id: str | None = None, created_utc: str | None = None) -> Path:
+    """The validated results file OUT/RUN_ID.json; a run's own id and start time when it has them."""
     from harness import schema
 
     doc = schema.new_document(command_line, method_dict, trials)
+    doc.update({k: v for k, v in (("run_id", run_id), ("created_utc", created_utc)) if v is not None})
     return schema.write_atomic(doc, Path(out_dir) / f"{doc['run_id']}.json")
 
 

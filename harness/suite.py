@@ -24,15 +24,19 @@ Example (``benchmarks/gate_suite.toml`` is the project's own)::
 
 Every error is one line: the file, the line and the field (``gate.toml:12:
 benchmark 'mixtral-proxy' field 'systems': ...``). tomllib gives no positions
-for keys, so :func:`_line_of` finds them in the text.
+for keys, so :func:`_line_of` finds them in the text (core/toml_lines.py).
 """
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.errors import InputError
+from core.names import unknown_name_message
+from core.toml_lines import line_of_key, syntax_error_line, syntax_error_text, top_level_line
 from harness.errors import UsageError
 
 DEFAULT_THRESHOLD = 0.05
@@ -115,11 +119,7 @@ class Suite:
 
 def _line_of(lines: list[str], key: str, start: int, end: int) -> int:
     """1-based line of `key = ...` between lines start..end (0-based, end exclusive); else start + 1."""
-    pattern = re.compile(rf"^\s*(\"?){re.escape(key)}\1\s*=")
-    for i in range(start, min(end, len(lines))):
-        if pattern.match(lines[i]):
-            return i + 1
-    return start + 1
+    return line_of_key(lines, key, start, end) or start + 1
 
 
 def _table_spans(lines: list[str]) -> tuple[tuple[int, int], list[tuple[int, int]]]:
@@ -143,24 +143,34 @@ class _Reader:
     def __init__(self, path: Path, lines: list[str], table: dict, span: tuple[int, int], what: str):
         self.path, self.lines, self.table, self.span, self.what = path, lines, table, span, what
 
-    def fail(self, key: str, message: str):
-        line = _line_of(self.lines, key, *self.span)
-        raise SuiteError(f"{self.path}:{line}: {self.what} field '{key}': {message}")
+    def fail(self, key: str, message: str, line_key: str | None = None):
+        """SuiteError naming field `key`, at the line that sets `line_key` (default: `key`)."""
+        line = _line_of(self.lines, line_key or key, *self.span)
+        raise SuiteError(f"{self.path}:{line}: {self.what} field '{key}': {message}", key)
 
     def get(self, key: str, kind, default):
         if key not in self.table:
             return default
         value = self.table[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            value = float(value) if abs(value) < 2**1000 else math.inf  # no OverflowError for 10**400
         if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
             self.fail(key, f"must be {getattr(kind, '__name__', kind)}, got {value!r}")
+        if kind is float and not math.isfinite(value):
+            self.fail(key, f"must be a finite number, got {self.table[key]!r}")
+        return value
+
+    def choice(self, key: str, kind: str, choices, default):
+        """A string field that must be one of `choices`; the closest ones are named when it is not."""
+        value = self.get(key, str, default)
+        if value is not None and value not in choices:
+            self.fail(key, unknown_name_message(kind, value, choices))
         return value
 
     def unknown(self, allowed: set[str]) -> None:
         for key in self.table:
             if key not in allowed:
-                self.fail(key, f"unknown field (known: {', '.join(sorted(allowed))})")
+                self.fail(key, unknown_name_message("field", key, sorted(allowed)))
 
 
 def _positive(reader: _Reader, key: str, value, minimum=0, strict=True):
@@ -175,99 +185,144 @@ def _fraction(reader: _Reader, key: str, value):
     return value
 
 
+def _capacity_factor(reader: _Reader):
+    from core.values import is_finite_positive
+
+    cf = reader.table.get("capacity_factor")
+    if cf is not None and cf != "dropless" and not is_finite_positive(cf):
+        reader.fail("capacity_factor", f"must be a positive number or \"dropless\", got {cf!r}")
+    return cf
+
+
+def _config(reader: _Reader, base_dir: Path) -> str | None:
+    """The custom workload file, absolute; it must exist (its contents are read with the workload)."""
+    config = reader.get("config", str, None)
+    if config is None:
+        return None
+    try:
+        config_path = (base_dir / config).resolve()
+        exists = config_path.is_file()
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long: the path itself is bad
+        reader.fail("config", f"is not a usable path: {exc}")
+    if not exists:
+        reader.fail("config", f"file {config_path} does not exist")
+    return str(config_path)
+
+
+def _systems(reader: _Reader) -> list[str]:
+    systems = reader.get("systems", list, ["tutel_native"])
+    if not systems or not all(isinstance(s, str) for s in systems) or len(set(systems)) != len(systems):
+        reader.fail("systems", f"must be a non-empty list of distinct system names, got {systems!r}")
+    return systems
+
+
+def _options(reader: _Reader, systems: list[str]) -> dict:
+    options = reader.get("options", dict, {})
+    for system, knobs in options.items():
+        if system not in systems or not isinstance(knobs, dict):
+            reader.fail("options", f"must map systems of this benchmark to tables of knobs, got {system} = {knobs!r}")
+    return options
+
+
+def _overrides(reader: _Reader) -> dict:
+    """Workload fields by `moebench run`'s flag names (experts = 16); unknown names are refused here."""
+    from harness.commands.run import OVERRIDES
+
+    overrides = reader.get("overrides", dict, {})
+    for key in overrides:
+        if key not in OVERRIDES:
+            reader.fail(f"overrides.{key}", unknown_name_message("override", key, OVERRIDES), line_key=key)
+    return overrides
+
+
 def _read_benchmark(reader: _Reader, suite_threshold: float, base_dir: Path) -> Benchmark:
     from core.values import DTYPES
     from harness.trial_spec import MODES
     from workloads.routing import ROUTINGS
     from workloads.spec import LEVELS
 
+    name = reader.table.get("name")
+    if isinstance(name, str) and NAME_PATTERN.match(name):
+        reader.what = f"benchmark '{name}'"  # a misspelt field is then named with its benchmark
     reader.unknown(BENCHMARK_KEYS)
     name = reader.get("name", str, None)
     if name is None:
         reader.fail("name", "is required")
     if not NAME_PATTERN.match(name):
         reader.fail("name", f"must be letters, digits and ._+- (it names results), got {name!r}")
-    reader.what = f"benchmark '{name}'"
     workload = reader.get("workload", str, None)
-    config = reader.get("config", str, None)
+    config = _config(reader, base_dir)
     if workload is None and config is None:
         reader.fail("workload", "is required (a preset name, or \"custom\" with config = FILE)")
-    if config is not None:
-        config_path = (base_dir / config).resolve()
-        if not config_path.is_file():
-            reader.fail("config", f"file {config_path} does not exist")
-        config = str(config_path)
-    level = reader.get("level", str, "layer")
-    if level not in LEVELS:
-        reader.fail("level", f"must be one of {', '.join(LEVELS)}, got {level!r}")
-    mode = reader.get("mode", str, None)
-    if mode is not None and mode not in MODES:
-        reader.fail("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
-    routing = reader.get("routing", str, "learned")
-    if routing not in ROUTINGS:
-        reader.fail("routing", f"must be one of {', '.join(ROUTINGS)}, got {routing!r}")
-    dtype = reader.get("dtype", str, "float32")
-    if dtype not in DTYPES:
-        reader.fail("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    systems = reader.get("systems", list, ["tutel_native"])
-    if not systems or not all(isinstance(s, str) for s in systems) or len(set(systems)) != len(systems):
-        reader.fail("systems", f"must be a non-empty list of distinct system names, got {systems!r}")
-    cf = reader.table.get("capacity_factor")
-    if cf is not None and cf != "dropless" and (isinstance(cf, bool) or not isinstance(cf, int | float) or cf <= 0):
-        reader.fail("capacity_factor", f"must be a positive number or \"dropless\", got {cf!r}")
-    options = reader.get("options", dict, {})
-    for system, knobs in options.items():
-        if system not in systems or not isinstance(knobs, dict):
-            reader.fail("options", f"must map systems of this benchmark to tables of knobs, got {system} = {knobs!r}")
-    overrides = reader.get("overrides", dict, {})
+    level = reader.choice("level", "level", LEVELS, "layer")
+    mode = reader.choice("mode", "mode", MODES, None)
+    routing = reader.choice("routing", "routing", ROUTINGS, "learned")
+    if level == "model" and routing != "learned":
+        reader.fail("routing", f"{routing} applies at layer level only: the model level routes every MoE layer "
+                               "with its learned gate (use level = \"layer\", or leave routing at learned)")
+    dtype = reader.choice("dtype", "dtype", tuple(DTYPES), "float32")
+    systems = _systems(reader)
     return Benchmark(
         name=name, workload=workload or "custom", flavor=reader.get("flavor", str, "proxy"), config=config,
-        level=level, mode=mode, routing=routing, systems=tuple(systems), dtype=dtype, capacity_factor=cf,
+        level=level, mode=mode, routing=routing, systems=tuple(systems), dtype=dtype,
+        capacity_factor=_capacity_factor(reader),
         seed=reader.get("seed", int, 0), warmup=_positive(reader, "warmup", reader.get("warmup", int, 2), 0, False),
         quartets=_positive(reader, "quartets", reader.get("quartets", int, 3), 0),
         input_pool=_positive(reader, "input_pool", reader.get("input_pool", int, 4), 0),
         threshold=_fraction(reader, "threshold", reader.get("threshold", float, suite_threshold)),
-        options=options, overrides=overrides, line=reader.span[0] + 1,
+        options=_options(reader, systems), overrides=_overrides(reader), line=reader.span[0] + 1,
     )
 
 
-def load_suite(path: str | Path, extra_plugins: tuple[str, ...] = ()) -> Suite:
-    """Parse and validate a suite file; registers its plugins (and `extra_plugins`, relative to the
-    current directory) so their systems can be named. Suite.system_plugins holds them absolute."""
-    import systems as system_registry
-    from systems.plugins import register_plugins, resolve
+# A workload or trial field a benchmark's own field sets (TrialSpec calls the quartets' steps "steps").
+BENCHMARK_FIELD_OF = {"flavor": "flavor", "workload": "workload", "capacity_factor": "capacity_factor",
+                      "seed": "seed", "dtype": "dtype", "level": "level", "mode": "mode", "routing": "routing",
+                      "warmup": "warmup", "input_pool": "input_pool", "steps": "quartets"}
 
-    path = Path(path)
+
+def _fail_trial_spec(reader: _Reader, bench: Benchmark, exc: InputError):
+    """A benchmark whose workload or trial is refused: named by the field that set the bad value
+    (an override, the config file, or the benchmark's own field), else 'workload'."""
+    from harness.commands.run import OVERRIDES
+
+    flags = {OVERRIDES[k]: k for k in bench.overrides}
+    if exc.field in flags:
+        reader.fail(f"overrides.{flags[exc.field]}", str(exc), line_key=flags[exc.field])
+    if bench.config and str(exc).startswith(bench.config):
+        reader.fail("config", str(exc))
+    field_name = BENCHMARK_FIELD_OF.get(exc.field, "workload")
+    if field_name == "capacity_factor" and bench.capacity_factor is None:
+        field_name = "workload"  # the workload's own value
+    reader.fail(field_name, str(exc))
+
+
+def _read_text(path: Path) -> str:
     if not path.is_file():
         raise SuiteError(f"suite file {path} does not exist or is not a file")
-    text = path.read_text()
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise SuiteError(f"{path}: not valid TOML: {exc}") from None
-    lines = text.splitlines()
-    suite_span, bench_spans = _table_spans(lines)
-    for key in data:
-        if key not in ("suite", "benchmark"):
-            raise SuiteError(f"{path}:{_line_of(lines, key, 0, len(lines))}: unknown table or field '{key}' "
-                             "(a suite has [suite] and [[benchmark]] tables)")
-    suite_table = data.get("suite", {})
-    reader = _Reader(path, lines, suite_table, suite_span, "[suite]")
-    reader.unknown(SUITE_KEYS)
-    name = reader.get("name", str, path.stem)
-    if not NAME_PATTERN.match(name):
-        reader.fail("name", f"must be letters, digits and ._+- (it names the baseline file), got {name!r}")
-    threshold = _fraction(reader, "threshold", reader.get("threshold", float, DEFAULT_THRESHOLD))
-    confidence = _fraction(reader, "confidence", reader.get("confidence", float, DEFAULT_CONFIDENCE))
-    budget = _positive(reader, "budget_s", reader.get("budget_s", float, DEFAULT_BUDGET_S))
-    normalize = reader.get("normalize", str, "gemm")
-    if normalize not in NORMALIZERS:
-        reader.fail("normalize", f"must be one of {', '.join(NORMALIZERS)}, got {normalize!r}")
+        return path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SuiteError(f"cannot read suite file {path}: {reason}") from None
+
+
+def _parse(path: Path, text: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except ValueError as exc:  # TOMLDecodeError, or int()'s digit limit on a 5000-digit number
+        line = syntax_error_line(exc)
+        raise SuiteError(f"{path}{f':{line}' if line else ''}: not valid TOML: {syntax_error_text(exc)}") from None
+
+
+def _plugins(reader: _Reader, base_dir: Path, extra_plugins: tuple[str, ...]) -> list[str]:
+    """Register the suite's plugins (relative to its file) and the command line's; their absolute references."""
+    from systems.plugins import register_plugins, resolve
+
     plugins = reader.get("system_plugins", list, [])
     if not all(isinstance(ref, str) for ref in plugins):
         reader.fail("system_plugins", f"must be a list of plugin references, got {plugins!r}")
     try:
-        refs = [resolve(ref, base_dir=path.parent)[0] for ref in plugins]
+        refs = [resolve(ref, base_dir=base_dir)[0] for ref in plugins]
         register_plugins(refs)
     except ValueError as exc:
         reader.fail("system_plugins", str(exc))
@@ -276,31 +331,67 @@ def load_suite(path: str | Path, extra_plugins: tuple[str, ...] = ()) -> Suite:
         register_plugins(extra)
     except ValueError as exc:
         raise SuiteError(f"--system-plugin: {exc}") from None
-    refs += extra
+    return refs + extra
+
+
+def _check_benchmark(reader: _Reader, bench: Benchmark, known: set[str]) -> None:
+    for system in bench.systems:
+        if system not in known:
+            reader.fail("systems", unknown_name_message("system", system, sorted(known)))
+    try:
+        for system in bench.systems:
+            bench.trial_spec(system)
+    except InputError as exc:
+        _fail_trial_spec(reader, bench, exc)
+
+
+def load_suite(path: str | Path, extra_plugins: tuple[str, ...] = ()) -> Suite:
+    """Parse and validate a suite file; registers its plugins (and `extra_plugins`, relative to the
+    current directory) so their systems can be named. Suite.system_plugins holds them absolute."""
+    import systems as system_registry
+
+    path = Path(path)
+    text = _read_text(path)
+    data = _parse(path, text)
+    lines = text.splitlines()
+    suite_span, bench_spans = _table_spans(lines)
+    for key in data:
+        if key not in ("suite", "benchmark"):
+            raise SuiteError(f"{path}:{top_level_line(lines, key) or 1}: "
+                             f"{unknown_name_message('table or field', key, ('suite', 'benchmark'))} "
+                             "(a suite has [suite] and [[benchmark]] tables)", key)
+    suite_table = data.get("suite", {})
+    if not isinstance(suite_table, dict):
+        raise SuiteError(f"{path}:{top_level_line(lines, 'suite') or 1}: 'suite' must be a table ([suite]), "
+                         f"got {suite_table!r}", "suite")
+    reader = _Reader(path, lines, suite_table, suite_span, "[suite]")
+    reader.unknown(SUITE_KEYS)
+    name = reader.get("name", str, path.stem)
+    if not NAME_PATTERN.match(name):
+        reader.fail("name", f"must be letters, digits and ._+- (it names the baseline file), got {name!r}")
+    threshold = _fraction(reader, "threshold", reader.get("threshold", float, DEFAULT_THRESHOLD))
+    confidence = _fraction(reader, "confidence", reader.get("confidence", float, DEFAULT_CONFIDENCE))
+    budget = _positive(reader, "budget_s", reader.get("budget_s", float, DEFAULT_BUDGET_S))
+    normalize = reader.choice("normalize", "normalizer", NORMALIZERS, "gemm")
+    refs = _plugins(reader, path.parent, extra_plugins)
 
     tables = data.get("benchmark", [])
-    if not isinstance(tables, list) or not tables:
-        raise SuiteError(f"{path}: a suite needs at least one [[benchmark]] table")
-    benchmarks = []
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+        raise SuiteError(f"{path}: a suite needs at least one [[benchmark]] table (and nothing else under "
+                         "'benchmark')", "benchmark")
+    benchmarks, readers = [], []
     known = set(system_registry.system_names())
     for i, table in enumerate(tables):
         span = bench_spans[i] if i < len(bench_spans) else (0, len(lines))
         bench_reader = _Reader(path, lines, table, span, f"benchmark #{i + 1}")
         bench = _read_benchmark(bench_reader, threshold, path.parent)
-        for system in bench.systems:
-            if system not in known:
-                bench_reader.fail("systems", f"unknown system {system!r}; choose from {', '.join(sorted(known))}")
-        try:
-            for system in bench.systems:
-                bench.trial_spec(system)
-        except ValueError as exc:
-            bench_reader.fail("workload", str(exc))
+        _check_benchmark(bench_reader, bench, known)
         benchmarks.append(bench)
+        readers.append(bench_reader)
     names = [b.name for b in benchmarks]
     for i, bench in enumerate(benchmarks):
         if names.index(bench.name) != i:
-            line = _line_of(lines, "name", *bench_spans[i])
-            raise SuiteError(f"{path}:{line}: benchmark '{bench.name}' field 'name': given twice")
+            readers[i].fail("name", "given twice")
     return Suite(path=path.resolve(), name=name, benchmarks=tuple(benchmarks), threshold=threshold,
                  confidence=confidence, budget_s=budget, system_plugins=tuple(refs),
                  normalize=normalize)

@@ -27,6 +27,12 @@ checksums on the same inputs and freshly loaded weights, also before the
 timed steps, and records result["check"] = {"passed", "kind": "checksum",
 "note", "max_deviation", "tolerance"} (harness/equivalence.py).
 
+Peak memory (result["peak_memory_bytes"], its scope in "peak_memory_scope") covers the system's
+own steps: the high-water mark is reset after the build and the check (CPU: malloc_trim, then
+/proc/self/clear_refs resets VmHWM; CUDA: reset_peak_memory_stats) and read after the timed steps.
+"process_peak_memory_bytes" is the whole process's, check included. Without clear_refs the figure
+falls back to ru_maxrss and its scope says so.
+
 ``forward`` mode is the forward half of a training step (autograd records the
 graph, nothing is backpropagated).
 
@@ -48,7 +54,7 @@ import torch.distributed as dist
 
 from harness.environment import thread_record
 from harness.files import write_json_atomic
-from harness.host_memory import keep_freed_memory
+from harness.host_memory import keep_freed_memory, peak_rss_bytes, reset_peak_rss
 from harness.trial_spec import TrialSpec
 
 TRACEBACK_LINES = 6  # last lines of a traceback kept in an error message
@@ -94,8 +100,16 @@ def describe_exception(exc: BaseException) -> str:
     return head + "\n" + "\n".join(tail)
 
 
+# What PyTorch's allocators say when they refuse: CUDA's "CUDA out of memory", the CPU allocator's
+# "DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes" (and "not enough memory").
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
+
+
 def classify(exc: BaseException) -> str:
-    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
+    """The status an exception stands for: an allocation the allocator refused is "oom"."""
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+        return "oom"
+    if isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MESSAGES):
         return "oom"
     if isinstance(exc, NonFiniteError):
         return "nonfinite"
@@ -103,9 +117,43 @@ def classify(exc: BaseException) -> str:
 
 
 def peak_memory_bytes(device: str) -> int:
+    """The process's peak since start (or since the last reset): CUDA tensors allocated, or ru_maxrss."""
     if device.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated())
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+PROCESS_SCOPE = ("whole process (ru_maxrss): imports, model build, the reference check and the system steps "
+                 "(/proc/self/clear_refs unavailable)")
+
+
+def steps_scope(spec: TrialSpec) -> str:
+    """What the peak-memory figure covers: the system's steps, after whatever ran before them."""
+    after = ("the reference check" if spec.check else "the checksum verification" if spec.verify
+             else "the build (no check this round)")
+    return f"system steps (warm-up + timed), after {after}"
+
+
+class StepsPeak:
+    """Peak memory of the system's own steps, so the reference check (a second model) does not inflate
+    it: the high-water mark is reset when this is made, after the build and the check."""
+
+    def __init__(self, device: str, scope: str):
+        self.device, self.scope, self.reset = device, scope, True
+        self.process_before = peak_memory_bytes(device)  # the process's peak so far, check included
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            reset_peak_rss()  # malloc_trim, then VmHWM := VmRSS (harness/host_memory.py)
+        except OSError:
+            self.scope, self.reset = PROCESS_SCOPE, False
+
+    def bytes(self) -> int:
+        """The peak since the reset (CUDA: max allocated; CPU: VmHWM), or ru_maxrss where none happened."""
+        if self.device.startswith("cuda") or not self.reset:
+            return peak_memory_bytes(self.device)
+        return peak_rss_bytes()
 
 
 def _fault_here(spec: TrialSpec, fault: str) -> bool:
@@ -423,7 +471,8 @@ def run_trial(spec: TrialSpec) -> dict:
     result: dict = {
         "status": "ok", "message": "", "samples_s": [], "per_rank_samples_s": None,
         "calibration_before_s": None, "calibration_after_s": None, "routing_stats": None,
-        "phase_times_s": None, "check": None, "peak_memory_bytes": None, "flops": None,
+        "phase_times_s": None, "check": None, "peak_memory_bytes": None, "peak_memory_scope": None,
+        "process_peak_memory_bytes": None, "flops": None,
         "tokens_per_step": None, "input_pool": None, "timer": StepTimer(device).name, "threads": None, "wall_s": None,
         "rank": global_rank(),
     }
@@ -454,13 +503,16 @@ def run_trial(spec: TrialSpec) -> dict:
         calibration_before = calibration_seconds(device)
         build = build_layer_bench if spec.level == "layer" else build_model_bench
         bench, check = build(spec, system, device)
+        peak = StepsPeak(device, steps_scope(spec))
         samples, phases, routings = _timed_steps(spec, bench, device)
+        memory = peak.bytes()
         calibration_after = calibration_seconds(device)
         routing = average_routing(routings)
         flops = bench.flops(routing)
 
         mine = {"samples": samples, "cal": (calibration_before, calibration_after), "flops": flops,
-                "memory": peak_memory_bytes(device), "tokens": bench.tokens, "check": check}
+                "memory": memory, "process_memory": max(peak.process_before, memory), "tokens": bench.tokens,
+                "check": check}
         everyone = _gather(mine)
         per_rank = [r["samples"] for r in everyone]
         result.update(
@@ -474,6 +526,8 @@ def run_trial(spec: TrialSpec) -> dict:
             input_pool=spec.input_pool,
             tuning=bench.tuning(),
             peak_memory_bytes=max(r["memory"] for r in everyone),
+            peak_memory_scope=peak.scope,
+            process_peak_memory_bytes=max(r["process_memory"] for r in everyone),
             flops=_sum_flops([r["flops"] for r in everyone]),
             tokens_per_step=sum(r["tokens"] for r in everyone),
             # 1-minute load average of this machine: more runnable threads than cores stalls

@@ -12,8 +12,11 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from core.values import LayerShape, MoEKnobs, ParallelSpec
+from core.errors import InputError
+from core.names import unknown_name_message
+from core.values import LayerShape, MoEKnobs, ParallelSpec, is_finite_positive
 from harness.host_memory import MALLOC_MODES
+from workloads.routing import ROUTINGS, check_synthetic_fits
 from workloads.spec import LEVELS, ModelShape, Workload
 
 MODES = ("forward", "forward_backward", "train")
@@ -57,27 +60,37 @@ class TrialSpec:
             object.__setattr__(self, "plugins", tuple(self.plugins))
 
     def validate(self) -> None:
-        if self.level not in LEVELS:
-            raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {self.level!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"timeout must be positive, got {self.timeout_s!r}")
-        if not isinstance(self.input_pool, int) or self.input_pool < 1:
-            raise ValueError(f"input_pool must be a positive integer, got {self.input_pool!r}")
-        if self.malloc not in MALLOC_MODES:
-            raise ValueError(f"malloc must be one of {', '.join(MALLOC_MODES)}, got {self.malloc!r}")
+        """InputError naming the first field a user could have got wrong (a spec file is edited by hand too)."""
+        self._check_choice("level", LEVELS)
+        self._check_choice("mode", MODES)
+        self._check_choice("routing", ROUTINGS)
+        if self.level == "model" and self.routing != "learned":
+            raise InputError(f"routing {self.routing} applies at layer level only: the model level routes every "
+                             "MoE layer with its learned gate", "routing")
+        self._check_counts()
+        self._check_choice("malloc", MALLOC_MODES)
         if not isinstance(self.plugins, tuple) or not all(isinstance(p, str) and p for p in self.plugins):
-            raise ValueError(f"plugins must be a list of plugin references, got {self.plugins!r}")
+            raise InputError(f"plugins must be a list of plugin references, got {self.plugins!r}", "plugins")
         if self.fault is not None and self.fault not in FAULTS:
-            raise ValueError(f"fault must be one of {', '.join(FAULTS)} or None, got {self.fault!r}")
+            raise InputError(f"fault must be one of {', '.join(FAULTS)} or None, got {self.fault!r}", "fault")
         self.workload.validate()
         self.knobs.validate()
         self.parallel.validate(self.workload.layer.num_experts)
+        check_synthetic_fits(self.workload.layer, self.routing)
+
+    def _check_counts(self) -> None:
+        for name, minimum in (("steps", 1), ("warmup", 0), ("input_pool", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}", name)
+        if not is_finite_positive(self.timeout_s):
+            raise InputError(f"timeout must be a finite positive number of seconds, got {self.timeout_s!r}",
+                             "timeout_s")
+
+    def _check_choice(self, name: str, choices) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, str) or value not in choices:
+            raise InputError(unknown_name_message(name, value, choices), name)
 
     def with_changes(self, **changes) -> TrialSpec:
         return dataclasses.replace(self, **changes)

@@ -26,6 +26,8 @@ import contextlib
 
 import torch
 
+from harness.host_memory import peak_rss_bytes, reset_peak_rss
+
 MEMORY_TOLERANCE = 0.10  # relative: RSS-based step peaks moved about 5% between identical processes
 MEMORY_SLACK_BYTES = 32 << 20  # and by up to about 20 MiB on a 200 MiB step
 EXACT = ("tokens_per_expert", "dropped", "expert_rows_computed", "flops", "all_to_all_bytes")
@@ -66,10 +68,7 @@ class StepMemory:
             torch.cuda.reset_peak_memory_stats()
             self.before = torch.cuda.memory_allocated()
         else:
-            _release_free_heap()  # what the step needs, not what earlier frees happened to leave in the heap
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
-            self.before = _status_kib("VmRSS") * 1024
+            self.before = reset_peak_rss()  # what the step needs, not what earlier frees left resident
         return self
 
     def __exit__(self, *exc) -> None:
@@ -78,27 +77,7 @@ class StepMemory:
     def peak_bytes(self) -> int:
         if self.device.startswith("cuda"):
             return int(torch.cuda.max_memory_allocated() - self.before)
-        return int(_status_kib("VmHWM") * 1024 - self.before)
-
-
-def _release_free_heap() -> None:
-    """glibc's malloc_trim(0): return free heap pages to the OS (a no-op elsewhere)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name:
-        libc = ctypes.CDLL(name)
-        if hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
+        return int(peak_rss_bytes() - self.before)
 
 
 def _gradient_summaries(layers) -> tuple[dict, list[str]]:

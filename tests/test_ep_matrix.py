@@ -48,11 +48,13 @@ def test_every_available_system_at_full_expert_parallelism(world):
 
 @pytest.mark.slow
 def test_native_sharded_experts_every_r_overlap_and_2dh_on_four_ranks():
-    specs = [spec("tutel_native", 4, 4, experts=2, adaptive_r=r) for r in (0, 1, 2)]
-    specs += [spec("tutel_native", 4, 4, overlap_degree=d) for d in (2, 4)]
+    # The knobs reach the adapter through the runner; every r and overlap degree is checked against
+    # one process in tests/test_tutel_native_distributed.py, so the ends of each range are enough here.
+    specs = [spec("tutel_native", 4, 4, experts=2, adaptive_r=r) for r in (0, 2)]
+    specs += [spec("tutel_native", 4, 4, overlap_degree=4)]
     specs += [spec("tutel_native", 4, 4, use_2dh=True, local_size=2)]
     trials = runner.run_trials(specs, runner.RunOptions(repeats=1, progress=io.StringIO()))
     assert_ok_and_checked(trials)
     sharded = [t for t in trials if t["workload_spec"]["layer"]["num_experts"] == 2]
-    assert [t["knobs"]["options"]["adaptive_r"] for t in sharded] == [0, 1, 2]
+    assert [t["knobs"]["options"]["adaptive_r"] for t in sharded] == [0, 2]
     assert len({t["id"] for t in trials}) == len(trials)  # options are part of the trial id

@@ -67,7 +67,7 @@ def test_suite_reads_benchmarks_thresholds_and_overrides(tmp_path):
     ('flavor = "debug"\nsystems = ["tutel_native"]', 'flavor = "debug"\ncolour = 1\nsystems = ["tutel_native"]', 9,
      "colour", "unknown field"),
     ("threshold = 0.1", "threshold = 1.5", 17, "threshold", "between 0 and 1"),
-    ("experts = 4", "experts = 0", 14, "workload", "num_experts"),
+    ("experts = 4", "experts = 0", 19, "overrides.experts", "num_experts must be a positive integer"),
     ('name = "b"', 'name = "a"', 13, "name", "given twice"),
 ])
 def test_a_bad_suite_names_the_file_the_line_and_the_field(tmp_path, old, new, line, field, words):

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness import cli, journal, run_plan, schema
+from harness import cli, journal, run_plan, runner, schema
 from harness.progress import RunProgress, format_duration
 from harness.trial_spec import TrialSpec
 
@@ -94,6 +94,13 @@ def test_resumed_run_ends_with_the_trials_of_an_uninterrupted_one(runs):
         assert len(trial["samples_s"]) == REPEATS and trial["check"]["passed"]
         assert trial["check"]["rounds_checked"] == list(range(1, REPEATS + 1))
     assert cut["method"]["order"]["per_round"] == whole["method"]["order"]["per_round"]
+    orders = runner.round_orders(2, REPEATS, seed=0)  # both runs follow the seeded order, resumed or not
+    for doc in (whole, cut):
+        for i, trial in enumerate(doc["trials"]):
+            assert [r["position"] for r in trial["rounds"]] == [order.index(i) for order in orders]
+            sequences = [r * 2 + order.index(i) for r, order in enumerate(orders)]
+            assert [r["sequence"] for r in trial["rounds"]] == sequences
+            assert all(r["check_passed"] for r in trial["rounds"]) and trial["setup"]["input_pool"] >= 2
     assert cut["method"]["resumed"][0]["rounds_kept"] == runs["kept"]
     assert "resumed" not in whole["method"]
     assert not list(runs["cut_dir"].glob(f"*{journal.SUFFIX}"))  # written and valid: the journal is gone

@@ -1,16 +1,20 @@
-"""Results documents: validation names the broken path, writes are atomic, loads fail in one line.
+"""Results documents: validation names the broken path, writes are atomic, loads fail in one line;
+the published JSON Schema (docs/results.schema.json) is what the models generate and agrees with them.
 
 make_trial / make_document build documents by hand (no runner) and are
 reused by the report tests.
 """
 import copy
+import functools
 import json
 import os
 import subprocess
+from pathlib import Path
 
+import jsonschema
 import pytest
 
-from harness import environment, schema
+from harness import environment, results_model, schema
 from harness.errors import UsageError
 from harness.identity import trial_id
 from harness.schema import SchemaError, load, validate, write_atomic
@@ -108,9 +112,27 @@ CORRUPTIONS = [
     (lambda d: d["method"].pop("warmup"), "method: missing required key 'warmup'"),
     (lambda d: d["git"].update(dirty="no"), "git.dirty: expected bool or null"),
     (lambda d: d["command_line"].append(3), "command_line[4]: expected str"),
-    (lambda d: d.update(schema_version=2), "schema_version: unsupported version 2"),
+    (lambda d: d.update(schema_version=2), "schema_version 2 is newer than this harness reads (1)"),
+    (lambda d: d.update(schema_version=0), "schema_version: unsupported version 0 (this harness reads 1)"),
+    (lambda d: d.update(schema_version="1"), "schema_version: unsupported version '1'"),
     (lambda d: d.update(schema="something.else"), "schema: expected 'moebench.results'"),
     (lambda d: d.update(trials={}), "document.trials: expected list, got dict"),
+    (lambda d: d.pop("trials"), "document: missing required key 'trials'"),
+    (lambda d: d["trials"][0].update(status="interrupted"), "trials[0].status: 'interrupted' is not one of"),
+    (lambda d: d["trials"][0].update(status=None), "trials[0].status: expected str, got null"),
+    (lambda d: d["trials"][0].update(samples_s=[], per_rank_samples_s=None),
+     "trials[0].samples_s: status is ok but there are no samples"),
+    (lambda d: d["trials"][0].update(per_rank_samples_s=[[0.01, True]]), "trials[0].per_rank_samples_s[0][1]: sample"),
+    (lambda d: d["trials"][0]["rounds"][0].update(median_s="1"), "trials[0].rounds[0].median_s: expected number or"),
+    (lambda d: d["trials"][0]["flops"].update(useful=False), "trials[0].flops.useful: expected number or null, got"),
+    (lambda d: d["trials"][0].update(phase_times_s={"fwd": None}), "trials[0].phase_times_s.fwd: expected number, got"),
+    (lambda d: d["trials"][0].update(routing_stats=[]), "trials[0].routing_stats: expected dict or null, got list"),
+    (lambda d: d["trials"][0].update(peak_memory_bytes=1.5), "trials[0].peak_memory_bytes: expected int or null"),
+    (lambda d: d["trials"].append([]), "trials[3]: expected dict, got list"),
+    (lambda d: d.update(git=None), "document.git: expected dict, got null"),
+    (lambda d: d["git"].pop("commit"), "git: missing required key 'commit'"),
+    (lambda d: d.update(schema_version=None), "schema_version: unsupported version None"),
+    (lambda d: d.pop("schema"), "schema: expected 'moebench.results', got None"),
 ]
 
 
@@ -118,13 +140,34 @@ CORRUPTIONS = [
 def test_each_corruption_names_its_path(mutate, message):
     with pytest.raises(SchemaError) as info:
         validate(corrupt(mutate))
-    assert message in str(info.value)
+    assert str(info.value).startswith(message)  # the path comes first
     assert "\n" not in str(info.value)
 
 
 def test_non_ok_trial_may_have_no_samples_or_summary():
-    doc = make_document([make_trial(status="oom"), make_trial(system="x", status="error")])
+    doc = make_document([make_trial(status="oom"), make_trial(system="x", status="error"),
+                         make_trial(system="y", status="too_large")])  # the memory guard refused to launch it
     validate(doc)
+
+
+def test_extra_keys_are_allowed_everywhere():
+    """A newer writer may add fields; this harness must still read the document."""
+    doc = valid_document()
+    doc["new_top_level"] = {"x": 1}
+    doc["git"]["branch"] = "main"
+    doc["environment"]["numa"] = [0, 1]
+    doc["trials"][0]["plugins"] = ["my_moe_plugin.py"]
+    doc["trials"][0]["summary"]["p99"] = 0.5
+    doc["trials"][0]["rounds"][0]["load"] = {"loadavg": 0.1}
+    validate(doc)
+
+
+def test_schema_error_is_not_bad_input():
+    """A document that fails validation at the end of a run is the harness's bug, not the user's input."""
+    assert not issubclass(SchemaError, ValueError)
+    assert issubclass(schema.NewerVersionError, SchemaError)
+    with pytest.raises(schema.NewerVersionError):
+        validate(corrupt(lambda d: d.update(schema_version=7)))
 
 
 def test_failed_write_leaves_no_partial_or_temp_file(tmp_path):
@@ -174,6 +217,11 @@ def test_load_errors_are_one_line_usage_errors(tmp_path):
         load(wrong)
     assert "wrong.json" in str(info.value) and "trials[0].status" in str(info.value)
     assert "\n" not in str(info.value)
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps(corrupt(lambda d: d.update(schema_version=2))))
+    with pytest.raises(UsageError, match=r"newer.json was written by a newer moebench: schema_version 2 is newer "
+                                         r"than this harness reads \(1\)"):
+        load(newer)
 
 
 def test_run_ids_sort_by_time_and_differ():
@@ -237,3 +285,99 @@ def test_git_dirty_means_changed_tracked_files_not_new_results(tmp_path):
     (tmp_path / "code.py").write_text("x = 2\n")
     info = environment.git_info(tmp_path)
     assert info["dirty"] is True and len(info["commit"]) == 40
+
+
+# ---------------------------------------------------------------- the published JSON Schema
+
+REPO = Path(__file__).resolve().parents[1]
+PUBLISHED = REPO / "docs" / "results.schema.json"
+
+
+@functools.cache
+def published_validator():
+    schema_doc = json.loads(PUBLISHED.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema_doc)
+    return jsonschema.Draft202012Validator(schema_doc)
+
+
+def repository_results_files() -> list[Path]:
+    """Results documents committed to the repository: every results/*.json, and any other committed
+    JSON file under results/ or reports/ that says it is one (gate records and baselines are not)."""
+    listed = subprocess.run(["git", "ls-files", "results", "reports"], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.split()
+    found = []
+    for name in listed:
+        path = REPO / name
+        if path.suffix != ".json":
+            continue
+        if path.parent == REPO / "results":
+            found.append(path)  # a run's own file: it must be a results document
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):  # not JSON, so not a results document
+            continue
+        if isinstance(data, dict) and data.get("schema") == schema.SCHEMA_NAME:
+            found.append(path)
+    return found
+
+
+def test_published_schema_is_what_the_models_generate():
+    """Regenerate with `python -m harness.results_model --write` after changing a model."""
+    assert PUBLISHED.read_text(encoding="utf-8") == results_model.json_schema_text()
+    generated = results_model.json_schema()
+    assert generated["description"].startswith("One moebench run")
+    assert "too_large" in generated["$defs"]["Trial"]["properties"]["status"]["enum"]
+
+
+def test_write_command_rewrites_the_schema_file(tmp_path, monkeypatch, capsys):
+    target = tmp_path / "results.schema.json"
+    target.write_text("stale")
+    monkeypatch.setattr(results_model, "SCHEMA_FILE", target)
+    assert results_model.main(["--write"]) == 0
+    assert target.read_text(encoding="utf-8") == PUBLISHED.read_text(encoding="utf-8")
+    assert str(target) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", repository_results_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_repository_results_validate_both_ways(path):
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    validate(doc)
+    published_validator().validate(doc)
+
+
+def test_hand_built_documents_validate_both_ways():
+    validator = published_validator()
+    for doc in (valid_document(), make_document([make_trial(status="too_large")]), make_document([])):
+        validate(doc)
+        validator.validate(doc)
+
+
+BROKEN = [
+    ("wrong status", lambda d: d["trials"][0].update(status="bogus")),
+    ("string sample", lambda d: d["trials"][0]["samples_s"].__setitem__(0, "0.01")),
+    ("no trials key", lambda d: d.pop("trials")),
+]
+
+
+@pytest.mark.parametrize("mutate", [m for _, m in BROKEN], ids=[name for name, _ in BROKEN])
+def test_broken_documents_fail_both_ways(mutate):
+    """The published schema is not vacuous: what the harness rejects, a plain JSON Schema validator rejects too."""
+    doc = corrupt(mutate)
+    with pytest.raises(SchemaError):
+        validate(doc)
+    assert not published_validator().is_valid(doc)
+
+
+# Rules a JSON Schema cannot state (documented in its description), and a value JSON cannot hold.
+NOT_IN_JSON_SCHEMA = ("summary.n: 7 does not match", "trials[1].id: ", "got nan")
+
+
+@pytest.mark.parametrize("mutate, message", CORRUPTIONS)
+def test_published_schema_rejects_what_validate_rejects(mutate, message):
+    """Every corruption above fails the JSON Schema too, except the known gaps, which pass it."""
+    doc = corrupt(mutate)
+    with pytest.raises(SchemaError) as info:
+        validate(doc)
+    harness_only = any(text in str(info.value) for text in NOT_IN_JSON_SCHEMA)
+    assert published_validator().is_valid(doc) == harness_only, info.value

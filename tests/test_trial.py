@@ -44,7 +44,7 @@ def test_spec_json_round_trip_keeps_every_field():
 
 
 def test_spec_validate_names_the_bad_field():
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with pytest.raises(ValueError, match="unknown mode 'sideways'"):
         debug_spec(mode="sideways").validate()
     with pytest.raises(ValueError, match="neither divides the other"):
         debug_spec(parallel=ParallelSpec(world_size=3, ep=3)).validate()
@@ -64,7 +64,8 @@ def test_layer_round_is_ok_with_samples_check_routing_and_flops(mode):
     shape = debug_spec().workload.layer
     assert result["flops"]["useful"] == T * k * 2 * 3 * shape.model_dim * shape.ffn_dim * factor
     assert result["calibration_before_s"] > 0 and result["calibration_after_s"] > 0
-    assert result["peak_memory_bytes"] > 10_000_000  # ru_maxrss of a process that imported torch
+    assert result["peak_memory_bytes"] > 10_000_000  # the resident set of a process that imported torch
+    assert result["peak_memory_scope"] == "system steps (warm-up + timed), after the reference check"
     assert result["tokens_per_step"] == T and result["threads"] == 1
 
 
@@ -117,8 +118,46 @@ def test_nonfinite_output_is_classified():
 def test_out_of_memory_is_classified_as_oom():
     assert trial.classify(MemoryError()) == "oom"
     assert trial.classify(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")) == "oom"
-    assert trial.classify(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate")) == "error"
+    assert trial.classify(torch.OutOfMemoryError("CUDA error")) == "oom"
     assert trial.classify(ValueError("out of memory")) == "error"
+    assert trial.classify(RuntimeError("[enforce fail] something else")) == "error"
+
+
+def test_an_allocation_the_cpu_allocator_refuses_is_oom():
+    """PyTorch's CPU allocator refuses 1 PiB at once, with its own words (not "out of memory")."""
+    with pytest.raises(RuntimeError, match="can't allocate memory") as refused:
+        torch.empty(2**50, dtype=torch.uint8)
+    assert trial.classify(refused.value) == "oom"
+
+
+def test_peak_memory_covers_the_systems_steps_not_the_check(tmp_path):
+    """In a fresh process: the figure (VmHWM reset after the check) is positive and below the whole
+    process's ru_maxrss, which the check (a second model, its inputs and gradients) raised; what it
+    covers is recorded. The proxy layer, so the check's share is tens of MiB, not the debug layer's few."""
+    spec_path, out_path = tmp_path / "spec.json", tmp_path / "out.json"
+    spec_path.write_text(debug_spec(warmup=0, steps=1, workload=get_workload("mixtral-8x7b", "proxy")).to_json())
+    subprocess.run([sys.executable, "-m", "harness.trial", str(spec_path), str(out_path)], cwd=REPO, check=True,
+                   capture_output=True, timeout=120)
+    result = json.loads(out_path.read_text())
+    assert result["status"] == "ok" and result["check"]["passed"]
+    assert 0 < result["peak_memory_bytes"] < result["process_peak_memory_bytes"] - 8 * 2**20, result
+    assert result["peak_memory_scope"] == "system steps (warm-up + timed), after the reference check"
+
+
+def test_peak_memory_scope_says_what_ran_before_the_steps():
+    assert trial.steps_scope(debug_spec(check=False)) == ("system steps (warm-up + timed), after the build "
+                                                          "(no check this round)")
+    assert trial.steps_scope(debug_spec(check=False, verify={"ranks": []})).endswith("the checksum verification")
+
+
+def test_peak_memory_falls_back_to_ru_maxrss_without_clear_refs(monkeypatch):
+    def refuse():
+        raise PermissionError("/proc/self/clear_refs")
+
+    monkeypatch.setattr(trial, "reset_peak_rss", refuse)
+    peak = trial.StepsPeak("cpu", trial.steps_scope(debug_spec()))
+    assert peak.scope == trial.PROCESS_SCOPE and peak.scope.startswith("whole process (ru_maxrss)")
+    assert peak.bytes() == trial.peak_memory_bytes("cpu") > 0
 
 
 def test_child_process_writes_its_result_atomically_and_exit_code_follows_status(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from core.errors import InputError
 from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
 from harness.model import AUX_LOSS_COEF, build_model, make_batch, moe_block_indices
 from systems.base import MoELayerAdapter, MoEOutput, MoESystem, RoutingStats
@@ -253,7 +254,7 @@ def test_custom_from_overrides_is_dropless_by_default():
     ("[layer]\nmodel_dim = 8\nffn_dim = -1\nnum_experts = 4\ntop_k = 1\n", "ffn_dim must be a positive integer"),
     ("batch_size = 0\n[layer]\nmodel_dim = 8\nffn_dim = 8\nnum_experts = 4\ntop_k = 1\n", "batch_size must be"),
     ("[layer]\nmodel_dim = 8\nffn_dim = 8\nnum_experts = 4\ntop_k = 5\n", "top_k (5) is larger than num_experts"),
-    ("[layer]\nmodel_dim = 8\nffn_dim = 8\nnum_experts = 4\ntop_k = 1\nactivation = 'tanh'\n", "activation must be"),
+    ("[layer]\nmodel_dim = 8\nffn_dim = 8\nnum_experts = 4\ntop_k = 1\nactivation = 'tanh'\n", "unknown activation"),
     ("[layer]\nmodel_dim = 'big'\n", "layer.model_dim must be an integer"),
     ("[layer]\nmodel_dim = 8\nffn_dim = 8\nnum_experts = 4\ntop_k = 1\nwidth = 3\n", "unknown key 'layer.width'"),
     ("batchsize = 4\n", "unknown key 'batchsize'"),
@@ -270,7 +271,7 @@ def test_custom_from_overrides_is_dropless_by_default():
 ])
 def test_config_errors_are_one_line_and_name_the_file(tmp_path, text, fragment):
     path = write(tmp_path, text)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(InputError) as info:
         resolve_workload(None, "proxy", {}, path)
     message = str(info.value)
     assert fragment in message and "\n" not in message and path in message

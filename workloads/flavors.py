@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from core.errors import InputError
+from core.names import unknown_name_message
 from workloads.presets import FULL
 from workloads.spec import FLAVORS, Workload
 
@@ -58,11 +60,11 @@ def debug(full: Workload) -> Workload:
 
 
 def get_workload(name: str, flavor: str = "proxy") -> Workload:
-    """A named workload in a flavour; ValueError with the choices on a bad name."""
-    if name not in FULL:
-        raise ValueError(f"unknown workload {name!r}; choose one of {', '.join(sorted(FULL))} or 'custom'")
-    if flavor not in FLAVORS:
-        raise ValueError(f"unknown flavor {flavor!r}; choose one of {', '.join(FLAVORS)}")
+    """A named workload in a flavour; InputError with the closest names on a bad name."""
+    if not isinstance(name, str) or name not in FULL:
+        raise InputError(unknown_name_message("workload", name, [*sorted(FULL), "custom"]), "workload")
+    if not isinstance(flavor, str) or flavor not in FLAVORS:
+        raise InputError(unknown_name_message("flavor", flavor, FLAVORS), "flavor")
     full = FULL[name]
     return {"full": full, "proxy": proxy, "debug": debug}[flavor](full) if flavor != "full" else full
 

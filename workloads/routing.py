@@ -39,6 +39,8 @@ import hashlib
 
 import torch
 
+from core.errors import InputError
+from core.names import unknown_name_message
 from core.values import CanonicalWeights, LayerShape
 
 ROUTINGS = ("learned", "balanced", "zipf")
@@ -55,8 +57,17 @@ def seeded_generator(*parts: object) -> torch.Generator:
 
 
 def check_routing(routing: str) -> None:
-    if routing not in ROUTINGS:
-        raise ValueError(f"unknown routing {routing!r}; choose one of {', '.join(ROUTINGS)}")
+    if not isinstance(routing, str) or routing not in ROUTINGS:
+        raise InputError(unknown_name_message("routing", routing, ROUTINGS), "routing")
+
+
+def check_synthetic_fits(shape: LayerShape, routing: str) -> None:
+    """The synthetic routings need one model-space direction per expert: model_dim >= num_experts."""
+    if routing != "learned" and shape.model_dim < shape.num_experts:
+        raise InputError(
+            f"{routing} routing needs model_dim >= num_experts (one direction per expert), "
+            f"got model_dim {shape.model_dim} < num_experts {shape.num_experts}", "model_dim"
+        )
 
 
 def _cycle_offsets(num_experts: int, top_k: int, seed: int) -> torch.Tensor:
@@ -103,9 +114,9 @@ def sample_targets(
 def _orthonormal_directions(num_experts: int, model_dim: int, seed: int) -> torch.Tensor:
     """u_EM: E orthonormal rows in R^M (seeded)."""
     if model_dim < num_experts:
-        raise ValueError(
+        raise InputError(
             f"synthetic routing needs model_dim >= num_experts (one direction per expert), "
-            f"got model_dim {model_dim} < num_experts {num_experts}"
+            f"got model_dim {model_dim} < num_experts {num_experts}", "model_dim"
         )
     a_ME = torch.randn(model_dim, num_experts, generator=seeded_generator("directions", seed), dtype=torch.float64)
     q_ME, _ = torch.linalg.qr(a_ME)

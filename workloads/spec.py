@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from core.values import LayerShape
+from core.errors import InputError
+from core.names import unknown_name_message
+from core.values import LayerShape, is_finite_positive, require_positive_ints
 
 LEVELS = ("layer", "model")
 FLAVORS = ("full", "proxy", "debug")
+NORMS = ("layernorm", "rmsnorm")
 
 
 @dataclass(frozen=True)
@@ -27,16 +30,15 @@ class ModelShape:
     dense_ffn_dim: int | None = None  # FFN of the non-MoE blocks (defaults to the expert's)
 
     def validate(self, model_dim: int) -> None:
-        for name in ("n_layers", "n_heads", "n_kv_heads", "vocab_size", "moe_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_ints(self, ("n_layers", "n_heads", "n_kv_heads", "vocab_size", "moe_every"))
+        if self.dense_ffn_dim is not None:
+            require_positive_ints(self, ("dense_ffn_dim",))
         if model_dim % self.n_heads:
-            raise ValueError(f"model_dim {model_dim} is not divisible by n_heads {self.n_heads}")
+            raise InputError(f"model_dim {model_dim} is not divisible by n_heads {self.n_heads}", "n_heads")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
-        if self.norm not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"norm must be layernorm or rmsnorm, got {self.norm!r}")
+            raise InputError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}", "n_kv_heads")
+        if self.norm not in NORMS:
+            raise InputError(unknown_name_message("norm", self.norm, NORMS), "norm")
 
 
 @dataclass(frozen=True)
@@ -59,14 +61,12 @@ class Workload:
     def validate(self) -> None:
         self.layer.validate()
         self.model.validate(self.layer.model_dim)
-        for name in ("batch_size", "seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be positive or omitted (dropless), got {self.capacity_factor!r}")
+        require_positive_ints(self, ("batch_size", "seq_len"))
+        if self.capacity_factor is not None and not is_finite_positive(self.capacity_factor):
+            raise InputError(f"capacity_factor must be a finite positive number or omitted (dropless), "
+                             f"got {self.capacity_factor!r}", "capacity_factor")
         if self.flavor not in FLAVORS + ("custom",):
-            raise ValueError(f"unknown flavor {self.flavor!r}")
+            raise InputError(unknown_name_message("flavor", self.flavor, FLAVORS + ("custom",)), "flavor")
 
     def to_dict(self) -> dict:
         return asdict(self)

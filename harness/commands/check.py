@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from core.names import unknown_name_message
 from harness import plugin_flag
-from harness.errors import UsageError
+from harness.errors import UsageError, input_errors
 
 NAME = "check"
 HELP = "check each available MoE system against torch_reference on small shapes (exit 1 on any failure)"
@@ -24,23 +25,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="FILE", help="also write the results JSON to FILE (atomically)")
 
 
+def _names(text: str, known: list[str], kind: str) -> list[str]:
+    """The comma-separated names in `text`; UsageError naming the first unknown one and its closest."""
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    if not chosen:
+        raise UsageError(f"no {kind} given in {text!r}; choose from {', '.join(known)}")
+    for name in chosen:
+        if name not in known:
+            raise UsageError(unknown_name_message(kind, name, known))
+    return chosen
+
+
 def run(args: argparse.Namespace) -> int:
     from harness.check import any_failed, default_cases, results_table, run_system_in_subprocess
     from harness.files import write_json_atomic
     from systems import availability, system_names
 
-    plugin_flag.register(args)
+    with input_errors("--system-plugin: "):
+        plugin_flag.register(args)
     names = system_names()
-    chosen = names if not args.systems else [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in names]
-    if unknown or not chosen:
-        raise UsageError(f"unknown system(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(names)}")
+    chosen = names if not args.systems else _names(args.systems, names, "system")
     cases = default_cases()
     if args.cases:
-        wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
-        missing = [w for w in wanted if w not in {c.name for c in cases}]
-        if missing:
-            raise UsageError(f"unknown case(s) {', '.join(missing)}; choose from {', '.join(c.name for c in cases)}")
+        wanted = _names(args.cases, [c.name for c in cases], "case")
         cases = [c for c in cases if c.name in wanted]
 
     results, unavailable = [], {}

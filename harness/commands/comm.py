@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from core.names import unknown_name_message
+from harness.errors import UsageError, input_errors
+
 NAME = "comm"
 HELP = "collective micro-benchmarks (all-to-all, all-reduce, all-gather, reduce-scatter) across message sizes"
 
 DEFAULT_SIZES = "4K,64K,1M,4M,16M"
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+DEVICES = ("cpu", "cuda")
 
 
 def parse_size(text: str) -> int:
@@ -26,12 +31,12 @@ def parse_size(text: str) -> int:
     unit = text[-1] if text and text[-1] in UNITS else ""
     number = text[: len(text) - len(unit)]
     if not number.isdigit() or int(number) <= 0:
-        raise ValueError(f"message size must be a positive number of bytes like 4K or 16M, got {text!r}")
+        raise UsageError(f"message size must be a positive number of bytes like 4K or 16M, got {text!r}")
     return int(number) * UNITS[unit]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from harness.comm import COLLECTIVES
+    from harness.results_model import COLLECTIVES
 
     parser.add_argument("--ops", default=",".join(COLLECTIVES), help="collectives, comma-separated")
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="bytes per rank, comma-separated (K, M suffixes)")
@@ -48,18 +53,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _validate(args) -> tuple[list[str], list[int]]:
-    from harness.comm import COLLECTIVES
+    from harness.results_model import COLLECTIVES
 
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
-    unknown = [op for op in ops if op not in COLLECTIVES]
-    if unknown or not ops:
-        raise ValueError(f"unknown collective {unknown or args.ops!r}; choose from {', '.join(COLLECTIVES)}")
+    if not ops:
+        raise UsageError(f"no collective given in --ops {args.ops!r}; choose from {', '.join(COLLECTIVES)}")
+    for op in ops:
+        if op not in COLLECTIVES:
+            raise UsageError(unknown_name_message("collective", op, COLLECTIVES))
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     for name in ("iters", "warmup"):
         if getattr(args, name) < (1 if name == "iters" else 0):
-            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+            raise UsageError(f"--{name} must be {'positive' if name == 'iters' else 'non-negative'}, "
+                             f"got {getattr(args, name)}")
+    if args.device not in DEVICES:
+        raise UsageError(unknown_name_message("device", args.device, DEVICES))
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a finite positive number of seconds, got {args.timeout}")
     if args.nproc_per_node * args.nnodes < 2:
-        raise ValueError("a collective benchmark needs at least 2 ranks (--nproc-per-node / --nnodes)")
+        raise UsageError("a collective benchmark needs at least 2 ranks (--nproc-per-node / --nnodes)")
     return ops, sizes
 
 
@@ -123,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     ops, sizes = _validate(args)
     config = LaunchConfig(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
                           rdzv_endpoint=args.rdzv_endpoint, threads_per_rank=args.threads_per_rank)
-    config.validate()
+    with input_errors():  # harness/launch.py says what is wrong with torchrun's flags as a ValueError
+        config.validate()
     with tempfile.TemporaryDirectory(prefix="moebench-comm-") as tmp:
         spec_path, out_path = Path(tmp) / "comm.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps({"ops": ops, "sizes": sizes, "iters": args.iters,

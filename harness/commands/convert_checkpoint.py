@@ -11,9 +11,7 @@ import argparse
 import pickle
 from pathlib import Path
 
-import torch
-
-from harness.errors import UsageError
+from harness.errors import UsageError, input_errors
 
 NAME = "convert-checkpoint"
 HELP = "gather/scatter tutel_native expert shards between world sizes"
@@ -32,6 +30,8 @@ def _load(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"input file {path} does not exist")
+    import torch  # here, not at the top: building the CLI's parser must not import torch
+
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
@@ -44,12 +44,17 @@ def _load(path: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from systems.tutel_native import checkpoint
 
     if args.world_size <= 0:
         raise UsageError(f"--world-size must be positive, got {args.world_size}")
+    if args.hidden_size is not None and args.hidden_size <= 0:
+        raise UsageError(f"--hidden-size must be positive, got {args.hidden_size}")
     states = [_load(path) for path in args.inputs]
-    converted = checkpoint.convert(states, args.world_size, hidden_size=args.hidden_size)
+    with input_errors():  # checkpoint.py says what does not fit in the input files as a ValueError
+        converted = checkpoint.convert(states, args.world_size, hidden_size=args.hidden_size)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import sys
 from pathlib import Path
 
@@ -51,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from harness.suite import load_suite
 
     suite = load_suite(args.suite, extra_plugins=tuple(args.system_plugin))
-    if args.budget is not None and not args.budget > 0:
-        raise UsageError(f"--budget must be positive, got {args.budget:g}")
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
+        raise UsageError(f"--budget must be a finite positive number of seconds, got {args.budget:g}")
     if args.baseline_ref and args.baseline:
         raise UsageError("give either --baseline-ref REV (paired) or --baseline FILE (stored), not both")
     out = Path(args.out)

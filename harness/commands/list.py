@@ -7,6 +7,7 @@ import json
 import sys
 
 from harness import plugin_flag
+from harness.errors import input_errors
 
 NAME = "list"
 HELP = "list systems (available here or not, and why) and workloads with their flavours and dimensions"
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     # Peer packages log to stdout while importing (deepspeed's accelerator notice); keep stdout for our output.
     with contextlib.redirect_stdout(sys.stderr):
-        plugin_flag.register(args)
+        with input_errors("--system-plugin: "):
+            plugin_flag.register(args)
         system_info = system_rows()
     ignored = ignored_entry_points()
     workload_info = workload_rows()

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import sys
 
-from harness.errors import UsageError
+from harness.errors import UsageError, input_errors
 
 NAME = "rerun"
 HELP = "reproduce one trial of a results file from what the file records, and compare it with the original"
@@ -119,12 +120,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeats is not None and args.repeats < 1:
         raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
-    if args.timeout is not None and not args.timeout > 0:
-        raise UsageError(f"--timeout must be positive, got {args.timeout}")
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a finite positive number of seconds, got {args.timeout}")
     doc = schema.load(args.results)
     original = find_trial(doc, args.trial)
     spec = spec_from_record(original, args.timeout or _recorded_timeout(doc["command_line"]))
-    register_plugins(spec.plugins)
+    with input_errors("the trial's plugin: "):
+        register_plugins(spec.plugins)
     repeats = args.repeats or max(1, len(original["rounds"]))
     plan = run_plan.new_plan([spec], {}, repeats=repeats, order_seed=0, warmup=spec.warmup, steps=spec.steps,
                              malloc=spec.malloc, node_rank=0, rdzv_endpoint=None,

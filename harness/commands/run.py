@@ -9,12 +9,14 @@ results and prints the table.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
 
+from core.names import closest_names, either, unknown_name_message
 from harness import plugin_flag
-from harness.errors import UsageError
+from harness.errors import UsageError, input_errors
 from harness.host_memory import MALLOC_MODES
 
 NAME = "run"
@@ -76,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--order-seed", type=int, default=0,
                    help="seed of the random order of trials inside each round (default 0; recorded)")
     m.add_argument("--out", default="results", help="results directory (default results/)")
+    m.add_argument("--resume", metavar="RUN_ID",
+                   help="finish an interrupted run: run only the rounds its journal (OUT/RUN_ID.journal.jsonl) "
+                        "lacks, with the settings it started with, then write OUT/RUN_ID.json")
     p = parser.add_argument_group("parallel (torchrun's meaning)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this node (default 1)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks per group (default 1)")
@@ -105,7 +110,7 @@ def parse_option(text: str) -> tuple[str, object]:
 
 def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
     if value not in choices:
-        raise UsageError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+        raise UsageError(unknown_name_message(what, value, choices), what)
     return value
 
 
@@ -138,9 +143,11 @@ def select_systems(requested: str | None) -> tuple[list[str], dict[str, str]]:
     known = systems.system_names()
     if requested:
         names = [n.strip() for n in requested.split(",") if n.strip()]
+        if not names:
+            raise UsageError(f"--systems {requested!r} names no system; choose from {', '.join(known)}", "systems")
         for name in names:
             if name not in known:
-                raise UsageError(f"unknown system {name!r}; choose from {', '.join(known)}")
+                raise UsageError(unknown_name_message("system", name, known), "systems")
         if len(set(names)) != len(names):
             raise UsageError(f"system given twice: {requested}")
     else:
@@ -183,7 +190,9 @@ def system_options(args: argparse.Namespace, names: list[str]) -> list[tuple[str
 
     def require_declared(flag: str, name: str, key: str) -> None:
         if key not in declared[name]:
-            raise UsageError(f"{flag}: {name} has no option {key!r} "
+            close = closest_names(key, declared[name])
+            hint = f"; did you mean {either(close)}?" if close else ""
+            raise UsageError(f"{flag}: {name} has no option {key!r}{hint} "
                              f"(known: {', '.join(sorted(declared[name])) or 'none'})")
 
     for text in args.option:
@@ -197,7 +206,9 @@ def system_options(args: argparse.Namespace, names: list[str]) -> list[tuple[str
             continue
         takers = [name for name in names if key in declared[name]]
         if not takers:
-            raise UsageError(f"--option {text}: no selected system declares option {key!r} "
+            close = closest_names(key, {option for options in declared.values() for option in options})
+            hint = f"; did you mean {either(close)}?" if close else ""
+            raise UsageError(f"--option {text}: no selected system declares option {key!r}{hint} "
                              f"(address one system with SYSTEM.{key}=VALUE; see `moebench list`)")
         for name in takers:
             per_system[name][key] = value
@@ -217,12 +228,11 @@ def system_options(args: argparse.Namespace, names: list[str]) -> list[tuple[str
     return entries
 
 
-def build_specs(args: argparse.Namespace) -> tuple[list, dict]:
-    """Every trial of this run, validated; plus the reasons of systems that cannot run here."""
-    from core.values import DTYPES, MoEKnobs, ParallelSpec
-    from harness.launch import LaunchConfig
-    from harness.trial_spec import MODES, TrialSpec
-    from systems.plugins import references_for
+def _trial_flags(args: argparse.Namespace) -> tuple[str, str, str]:
+    """(level, mode, routing), checked with the other trial and method flags: all cheap, all before the
+    workloads are resolved and the peers imported."""
+    from core.values import DTYPES, MoEKnobs
+    from harness.trial_spec import MODES
     from workloads.routing import ROUTINGS
     from workloads.spec import LEVELS
 
@@ -234,32 +244,52 @@ def build_specs(args: argparse.Namespace) -> tuple[list, dict]:
                          "layer with its learned gate (use --level layer, or leave --routing at learned)")
     _choice(args.dtype, tuple(DTYPES), "dtype")
     _choice(args.device, ("cpu", "cuda"), "device")
+    MoEKnobs(dtype=args.dtype, device=args.device, seed=args.seed).validate()  # the seed's range
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda, but no CUDA device is available here")
+    _method_flags(args)
+    return level, mode, routing
+
+
+def _method_flags(args: argparse.Namespace) -> None:
     for name, minimum in (("repeats", 1), ("steps", 1), ("warmup", 0)):
         if getattr(args, name) < minimum:
             raise UsageError(f"--{name} must be at least {minimum}, got {getattr(args, name)}")
-    if not args.timeout > 0:
-        raise UsageError(f"--timeout must be positive, got {args.timeout}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a finite positive number of seconds, got {args.timeout}")
     for text in args.option:
         parse_option(text)  # malformed options and variants are reported before the peers are imported
     for text in args.variant:
         name, colon, rest = text.partition(":")
         if not colon or not name or not rest:
             raise UsageError(f"--variant must be SYSTEM:KEY=VALUE[,KEY=VALUE...], got {text!r}")
+
+
+def build_specs(args: argparse.Namespace) -> tuple[list, dict]:
+    """Every trial of this run, validated; plus the reasons of systems that cannot run here."""
+    from core.values import MoEKnobs, ParallelSpec
+    from harness.launch import LaunchConfig
+    from harness.trial_spec import TrialSpec
+    from systems.plugins import references_for
+    from workloads.routing import check_synthetic_fits
+
+    level, mode, routing = _trial_flags(args)
     launch = LaunchConfig(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
                           rdzv_endpoint=args.rdzv_endpoint, threads_per_rank=args.threads_per_rank)
-    launch.validate()
+    with input_errors():  # harness/launch.py says what is wrong with torchrun's flags as a ValueError
+        launch.validate()
     parallel = ParallelSpec(world_size=launch.world_size, ep=args.ep, nnodes=args.nnodes,
                             threads_per_rank=args.threads_per_rank)
     parallel.validate()
     workloads = resolve_workloads(args)
     for workload in workloads:
         parallel.validate(workload.layer.num_experts)
-    plugin_flag.register(args)  # --system-plugin: their systems join the registry before --systems is read
+        check_synthetic_fits(workload.layer, routing)  # before the peers are imported (spec.validate checks too)
+    with input_errors("--system-plugin: "):  # their systems join the registry before --systems is read
+        plugin_flag.register(args)
     names, unavailable = select_systems(args.systems)  # after the cheap checks: it imports the peer packages
     entries = system_options(args, names)
     specs = []
@@ -278,29 +308,65 @@ def build_specs(args: argparse.Namespace) -> tuple[list, dict]:
 # ----------------------------------------------------------------- running
 
 def run(args: argparse.Namespace) -> int:
-    from harness import runner
+    from harness import journal as journals
+    from harness import run_plan
 
+    if args.resume is not None:
+        return _resume(args)
     specs, unavailable = build_specs(args)
     if not args.systems:
         for name, reason in unavailable.items():
             print(f"moebench run: note: {name} is not available here ({reason})", file=sys.stderr)
         unavailable = {}
-    launched = [s for s in specs if s.system not in unavailable]
-    options = runner.RunOptions(repeats=args.repeats, node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
-                                order_seed=args.order_seed)
-    launched_records = runner.run_trials(launched, options)
-    records = iter(launched_records)
-    trials = [runner.skipped_record(s, unavailable[s.system]) if s.system in unavailable else next(records)
-              for s in specs]
-    if args.node_rank != 0:
-        print(f"moebench run: node {args.node_rank} done; node 0 writes the results", file=sys.stderr)
-        return 0
-    timer = next((t["timer"] for t in trials if t.get("timer")), "perf_counter")
-    orders = [[launched_records[i]["id"] for i in order]
-              for order in runner.round_orders(len(launched), args.repeats, args.order_seed)]
-    method = runner.method(args.warmup, args.steps, args.repeats, timer, malloc=args.malloc,
-                           order_seed=args.order_seed, orders=orders)
-    path = runner.write_results(trials, method, ["moebench", *sys.argv[1:]], Path(args.out))
-    print(runner.format_table(trials))
-    print(f"results: {path}")
-    return 0
+    plan = run_plan.new_plan(specs, unavailable, repeats=args.repeats, order_seed=args.order_seed,
+                             warmup=args.warmup, steps=args.steps, malloc=args.malloc, node_rank=args.node_rank,
+                             rdzv_endpoint=args.rdzv_endpoint, command_line=["moebench", *sys.argv[1:]])
+    journal = None
+    if args.node_rank == 0:  # node 0 writes the results, so it keeps the journal
+        journal = journals.create(journals.journal_path(args.out, plan["run_id"]), plan)
+    return _report(run_plan.carry_out(plan, journal, args.out))
+
+
+# Flags --resume may come with: where the journal is, and which plugin files to load.
+RESUME_FLAGS = ("resume", "out", "system_plugin")
+
+
+def _resume(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from harness import run_plan
+    from systems.plugins import register_plugins
+
+    given = [key for key in _given_flags(getattr(args, "given_argv", [])) if key not in RESUME_FLAGS]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UsageError(f"--resume runs with the settings the run started with; drop {flag}")
+    journal = run_plan.open_for_resume(args.out, args.resume)
+    for warning in journal.warnings:
+        print(f"moebench run: warning: {warning}", file=sys.stderr)
+    for spec in run_plan.specs_of(journal.plan):
+        with input_errors("the run's plugin: "):  # plugin systems join the registry as in the first run
+            register_plugins(spec.plugins)
+    kept = len(journal.rounds)
+    journal.note("resumed", utc=dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                 rounds_kept=kept)
+    print(f"moebench run: resuming {journal.run_id}: {kept} finished rounds kept", file=sys.stderr)
+    return _report(run_plan.carry_out(journal.plan, journal, journal.path.parent))
+
+
+def _given_flags(argv: list[str]) -> list[str]:
+    """The destinations of the flags actually typed (a default typed out counts as given)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return list(vars(parser.parse_args(argv)))
+
+
+def _report(outcome) -> int:
+    from harness import runner
+
+    if outcome.results_path is not None:
+        print(runner.format_table(outcome.trials))
+        print(f"results: {outcome.results_path}")
+    return outcome.exit_code
