@@ -1,6 +1,8 @@
-"""Issue 5's matrix through the real runner (torchrun, gloo): every system at EP 2 and EP 4 on the
-debug flavour, and the native system with sharded experts (E=2 on 4 ranks, sharded_count 2) at
-each valid r, overlap degree 2 and 4, and 2DH with local_size 2. Each trial's in-process
+"""Issue 5's matrix through the real runner (torchrun, gloo): every system at EP 2 on the debug
+flavour, and the native system on 4 ranks: sharded experts (E=2, sharded_count 2) at the ends of
+the r range, overlap degree 4, and 2DH with local_size 2. (Every system at EP 4 is checked against
+the reference by tests/test_peers_distributed.py, tests/test_reference_distributed.py and
+tests/test_tutel_native_distributed.py; through the runner, EP 2 shows the layout reaches each.) Each trial's in-process
 equivalence check compares every rank's output and input gradient with a single-process
 reference on that rank's tokens, so "ok + check passed" means the layout computed the same thing."""
 from __future__ import annotations
@@ -36,7 +38,7 @@ def assert_ok_and_checked(trials: list[dict]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2])
 def test_every_available_system_at_full_expert_parallelism(world):
     specs = [spec(name, world, world) for name in AVAILABLE]
     if "megatron_core" in AVAILABLE and world == 2:  # its other dispatcher (CPU compat layer's buffers)
