@@ -13,7 +13,6 @@ workloads. Gating against a baseline whose fingerprint differs is refused
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import os
 from pathlib import Path
 
@@ -65,10 +64,11 @@ def baseline_path(suite, directory: Path | None = None) -> Path:
 def new_baseline(suite, items: dict, command_line: list[str]) -> dict:
     from harness.environment import git_info
     from harness.gate_process import MOEBENCH_ROOT
+    from harness.schema import utc_stamp
 
     return {
         "schema": BASELINE_SCHEMA, "schema_version": BASELINE_VERSION,
-        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "created_utc": utc_stamp(),
         "suite": suite.name, "suite_file": str(suite.path), "normalize": suite.normalize,
         "git": git_info(MOEBENCH_ROOT), "command_line": command_line,
         "fingerprint": fingerprint(suite), "items": items,

@@ -489,7 +489,7 @@ def to_moebench(data: dict, source: str = "", command_line: list[str] | None = N
         "schema": schema.SCHEMA_NAME,
         "schema_version": schema.SCHEMA_VERSION,
         "run_id": f"{when.strftime('%Y%m%dT%H%M%SZ')}-{stable_hash([data.get('datetime'), ids], 6)}",
-        "created_utc": when.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "created_utc": schema.utc_stamp(when),
         "git": _git(commit_info),
         "command_line": [str(a) for a in (command_line or ["moebench", "convert", source])],
         "environment": environment,

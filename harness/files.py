@@ -69,4 +69,14 @@ def read_json(path, what: str = "file"):
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        raise UsageError(f"{path} is {describe_json_error(exc, text)}") from None
+
+
+def describe_json_error(exc: json.JSONDecodeError, text: str) -> str:
+    """"not valid JSON (where: what)", saying "truncated" when the text stops mid-value: a writer
+    killed mid-way, not a hand-edit gone wrong."""
+    place = f"line {exc.lineno}, column {exc.colno}"
+    # Some messages end in "at" ("Unterminated string starting at") and read on into the place.
+    where = f"{exc.msg} {place}" if exc.msg.endswith(" at") else f"{place}: {exc.msg}"
+    cut = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
+    return f"not valid JSON ({where}){'; the text stops mid-document, so it looks truncated' if cut else ''}"

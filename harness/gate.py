@@ -329,11 +329,11 @@ def gate_record(suite, verdicts: list[ItemVerdict], runs: list[ItemRun], baselin
 
     from harness.environment import collect_environment, git_info
     from harness.gate_process import MOEBENCH_ROOT
-    from harness.schema import new_run_id
+    from harness.schema import new_run_id, utc_stamp
 
     return {
         "schema": "moebench-gate", "schema_version": 1, "run_id": new_run_id(started),
-        "created_utc": started.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "created_utc": utc_stamp(started),
         "command_line": command_line, "suite": suite.name, "suite_file": str(suite.path),
         "baseline": baseline_text, "exit_code": exit_code, "git": git_info(MOEBENCH_ROOT),
         "environment": collect_environment(),

@@ -18,6 +18,7 @@ from pathlib import Path
 from harness import schema, stats
 from harness.convert import PYTEST_BENCHMARK, detect_format
 from harness.errors import UsageError
+from harness.files import describe_json_error
 from harness.identity import differences, system_label, work_identity, work_key
 from harness.tables import markdown_table
 
@@ -125,16 +126,7 @@ def _read_json(path: Path):
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise _Unusable(_json_problem(exc, text)) from None
-
-
-def _json_problem(exc: json.JSONDecodeError, text: str) -> str:
-    """Says "truncated" when the text stops mid-value: a writer killed mid-way, not a hand-edit gone wrong."""
-    place = f"line {exc.lineno}, column {exc.colno}"
-    # Some messages end in "at" ("Unterminated string starting at") and read on into the place.
-    where = f"{exc.msg} {place}" if exc.msg.endswith(" at") else f"{place}: {exc.msg}"
-    cut = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
-    return f"not valid JSON ({where}){'; the text stops mid-document, so it looks truncated' if cut else ''}"
+        raise _Unusable(describe_json_error(exc, text)) from None
 
 
 _JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}

@@ -48,7 +48,7 @@ def new_plan(specs: list[TrialSpec], unavailable: dict[str, str], *, repeats: in
     now = dt.datetime.now(dt.UTC)
     return {
         "run_id": schema.new_run_id(now),
-        "created_utc": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "created_utc": schema.utc_stamp(now),
         "command_line": [str(a) for a in command_line],
         "specs": [spec.to_dict() for spec in specs], "unavailable": dict(unavailable),
         "repeats": repeats, "order_seed": order_seed, "warmup": warmup, "steps": steps, "malloc": malloc,

@@ -310,7 +310,8 @@ def run_trials(specs: list[TrialSpec], options: RunOptions) -> list[dict]:
                     round_spec = spec.with_changes(check=spec.check and first,
                                                    verify=None if first else verified.get(i),
                                                    launcher_node_rank=options.node_rank)
-                    progress.starting(describe(spec))
+                    label = describe(spec)
+                    progress.starting(label)
                     result = run_round(round_spec, Path(tmp), sequence, options)
                     result.update(position=position, sequence=sequence)
                     if journal is not None:
@@ -319,7 +320,7 @@ def run_trials(specs: list[TrialSpec], options: RunOptions) -> list[dict]:
                     checksum = (result.get("check") or {}).get("checksum")
                     if first and checksum is not None and result["check"].get("passed"):
                         verified[i] = checksum
-                    progress.finished(i, describe(spec), _outcome(result), result.get("wall_s") or 0.0)
+                    progress.finished(i, label, _outcome(result), result.get("wall_s") or 0.0)
                     if result["status"] != "ok" and not multi_node:
                         stopped.add(i)
                         progress.stopped_early(i)
@@ -375,8 +376,7 @@ def write_results(trials: list[dict], method_dict: dict, command_line: list[str]
     """The validated results file OUT/RUN_ID.json; a run's own id and start time when it has them."""
     from harness import schema
 
-    doc = schema.new_document(command_line, method_dict, trials)
-    doc.update({k: v for k, v in (("run_id", run_id), ("created_utc", created_utc)) if v is not None})
+    doc = schema.new_document(command_line, method_dict, trials, run_id=run_id, created_utc=created_utc)
     return schema.write_atomic(doc, Path(out_dir) / f"{doc['run_id']}.json")
 
 

@@ -42,16 +42,23 @@ def new_run_id(now: dt.datetime | None = None) -> str:
     return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
 
 
-def new_document(command_line, method: dict, trials: list[dict]) -> dict:
-    """A results document for this process: run_id, UTC time, git state and environment filled in."""
+def utc_stamp(when: dt.datetime | None = None) -> str:
+    """UTC time to the second as the harness writes it, e.g. 2026-11-29T00:30:00Z."""
+    return (when or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def new_document(command_line, method: dict, trials: list[dict], run_id: str | None = None,
+                 created_utc: str | None = None) -> dict:
+    """A results document for this process: run_id, UTC time, git state and environment filled in
+    (a run that planned itself earlier passes its own id and start time)."""
     from harness.environment import collect_environment, git_info
 
     now = dt.datetime.now(dt.UTC)
     return {
         "schema": SCHEMA_NAME,
         "schema_version": SCHEMA_VERSION,
-        "run_id": new_run_id(now),
-        "created_utc": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "run_id": run_id or new_run_id(now),
+        "created_utc": created_utc or utc_stamp(now),
         "git": git_info(REPO_DIR),
         "command_line": [str(a) for a in command_line],
         "environment": collect_environment(),

@@ -16,6 +16,7 @@ import difflib
 import math
 import sys
 
+from core.names import either
 from harness.errors import UsageError, input_errors
 
 NAME = "rerun"
@@ -44,7 +45,7 @@ def find_trial(doc: dict, wanted: str) -> dict:
         raise UsageError(f"trial {wanted!r} matches {len(matches)} trials ({', '.join(t['id'] for t in matches[:3])}"
                          f"{', ...' if len(matches) > 3 else ''}); give more of the id")
     close = difflib.get_close_matches(wanted, [t["id"] for t in trials], n=3, cutoff=0.3)
-    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    hint = f"; did you mean {either(close)}?" if close else ""
     raise UsageError(f"no trial {wanted!r} in {doc['run_id']}{hint}")
 
 

@@ -332,9 +332,7 @@ RESUME_FLAGS = ("resume", "out", "system_plugin")
 
 
 def _resume(args: argparse.Namespace) -> int:
-    import datetime as dt
-
-    from harness import run_plan
+    from harness import run_plan, schema
     from systems.plugins import register_plugins
 
     given = [key for key in _given_flags(getattr(args, "given_argv", [])) if key not in RESUME_FLAGS]
@@ -348,8 +346,7 @@ def _resume(args: argparse.Namespace) -> int:
         with input_errors("the run's plugin: "):  # plugin systems join the registry as in the first run
             register_plugins(spec.plugins)
     kept = len(journal.rounds)
-    journal.note("resumed", utc=dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-                 rounds_kept=kept)
+    journal.note("resumed", utc=schema.utc_stamp(), rounds_kept=kept)
     print(f"moebench run: resuming {journal.run_id}: {kept} finished rounds kept", file=sys.stderr)
     return _report(run_plan.carry_out(journal.plan, journal, journal.path.parent))
 
