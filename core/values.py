@@ -17,7 +17,18 @@ identical parameters; E experts, M model dim, H expert hidden dim)::
 GELU expert:   y = act(x w1^T + b1) w2 + b2
 SwiGLU expert: y = (silu(x w1^T) * (x w3^T)) w2     (Mixtral's w1/w3/w2)
 
-Legend: T tokens, M model dim, H expert hidden, E experts.
+    score_bias_E [E]  router only: aux-loss-free selection bias (no gradient)
+    shared_w1_SM, shared_w2_SM, shared_w3_SM  [S, M]  the dense shared expert
+                      (S its hidden width), applied to every token like an expert
+
+Routers (LayerShape's routing fields; ``docs/routers.md``): scores are
+softmax or sigmoid of the gate logits; the top-k choice is taken on the
+scores plus ``score_bias_E`` (when declared), optionally inside the best
+``topk_groups`` of ``n_groups`` expert groups; gate values are the unbiased
+scores of the chosen experts, renormalised to sum to 1 when ``renormalize``
+and k > 1, then multiplied by ``route_scale``.
+
+Legend: T tokens, M model dim, H expert hidden, E experts, S shared-expert hidden.
 """
 from __future__ import annotations
 
@@ -61,6 +72,11 @@ def is_finite_positive(value: object) -> bool:
 
 
 ACTIVATIONS = ("gelu", "relu", "swiglu")
+SCORES = ("softmax", "sigmoid")
+# The routing fields of LayerShape and their values for Tutel's router (softmax, top-k, renormalised
+# when k > 1), the one every system in moebench can express ("the common softmax router").
+COMMON_ROUTER = {"score": "softmax", "renormalize": True, "score_bias": False, "n_groups": 1,
+                 "topk_groups": 1, "route_scale": 1.0}
 
 
 @dataclass(frozen=True)
@@ -73,10 +89,50 @@ class LayerShape:
     top_k: int
     activation: str = "gelu"  # "gelu" | "relu" | "swiglu"
     expert_bias: bool = False  # fc1/fc2 biases (not allowed with swiglu)
+    # The router (module docstring; defaults are COMMON_ROUTER).
+    score: str = "softmax"  # "softmax" | "sigmoid"
+    renormalize: bool = True  # divide the k gate values by their sum (when k > 1)
+    score_bias: bool = False  # aux-loss-free bias added to the scores for selection only
+    n_groups: int = 1  # expert groups for group-limited selection (1: none)
+    topk_groups: int = 1  # groups a token may choose from
+    route_scale: float = 1.0  # gate values multiplied by this
+    shared_ffn_dim: int = 0  # hidden width of the dense shared expert (0: none)
 
     @property
     def gemms_per_expert(self) -> int:
         return 3 if self.activation == "swiglu" else 2
+
+    @property
+    def router(self) -> dict:
+        """The routing fields, e.g. for support checks and reports."""
+        return {name: getattr(self, name) for name in COMMON_ROUTER}
+
+    @property
+    def has_common_router(self) -> bool:
+        return self.router == COMMON_ROUTER
+
+    def router_label(self) -> str:
+        """A short name of the router: "softmax", "softmax/no-renorm", "sigmoid+bias/g8:4/x2.5"."""
+        label = self.score + ("+bias" if self.score_bias else "")
+        if not self.renormalize:
+            label += "/no-renorm"
+        if self.n_groups > 1:
+            label += f"/g{self.n_groups}:{self.topk_groups}"
+        if self.route_scale != 1.0:
+            label += f"/x{self.route_scale:g}"
+        return label
+
+    def with_common_router(self) -> LayerShape:
+        return dataclasses.replace(self, **COMMON_ROUTER)
+
+    def non_default_fields(self) -> dict:
+        """Every field, leaving out the router and shared-expert fields at their defaults, so a
+        workload that declares none of them keeps the identity (hash) it had before they existed."""
+        out = dataclasses.asdict(self)
+        for name, default in {**COMMON_ROUTER, "shared_ffn_dim": 0}.items():
+            if out[name] == default:
+                del out[name]
+        return out
 
     def validate(self) -> None:
         require_positive_ints(self, ("model_dim", "ffn_dim", "num_experts", "top_k"))
@@ -88,6 +144,31 @@ class LayerShape:
             raise InputError(f"expert_bias must be true or false, got {self.expert_bias!r}", "expert_bias")
         if self.activation == "swiglu" and self.expert_bias:
             raise InputError("expert_bias is not supported with swiglu experts", "expert_bias")
+        self._validate_router()
+
+    def _validate_router(self) -> None:
+        if self.score not in SCORES:
+            raise InputError(unknown_name_message("score", self.score, SCORES), "score")
+        for name in ("renormalize", "score_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}", name)
+        require_positive_ints(self, ("n_groups", "topk_groups"))
+        if self.num_experts % self.n_groups:
+            raise InputError(f"num_experts {self.num_experts} is not divisible by n_groups {self.n_groups}",
+                             "n_groups")
+        if self.topk_groups > self.n_groups:
+            raise InputError(f"topk_groups ({self.topk_groups}) is larger than n_groups ({self.n_groups})",
+                             "topk_groups")
+        if self.topk_groups * (self.num_experts // self.n_groups) < self.top_k:
+            raise InputError(f"top_k {self.top_k} experts do not fit in {self.topk_groups} of {self.n_groups} "
+                             f"groups of {self.num_experts // self.n_groups} experts", "topk_groups")
+        if not is_finite_positive(self.route_scale):
+            raise InputError(f"route_scale must be a finite positive number, got {self.route_scale!r}",
+                             "route_scale")
+        if isinstance(self.shared_ffn_dim, bool) or not isinstance(self.shared_ffn_dim, int) \
+                or self.shared_ffn_dim < 0:
+            raise InputError(f"shared_ffn_dim must be a non-negative integer, got {self.shared_ffn_dim!r}",
+                             "shared_ffn_dim")
 
 
 @dataclass(frozen=True)
@@ -156,13 +237,17 @@ class CanonicalWeights:
     w3_EHM: torch.Tensor | None = None
     b1_EH: torch.Tensor | None = None
     b2_EM: torch.Tensor | None = None
+    score_bias_E: torch.Tensor | None = None
+    shared_w1_SM: torch.Tensor | None = None
+    shared_w2_SM: torch.Tensor | None = None
+    shared_w3_SM: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
         return self.gate_EM.shape[0]
 
     def expert_slice(self, first: int, count: int) -> CanonicalWeights:
-        """The weights of experts [first, first+count) with the full gate."""
+        """The weights of experts [first, first+count) with the full gate (and router bias and shared expert)."""
 
         def cut(t):
             return None if t is None else t[first : first + count]
@@ -174,7 +259,15 @@ class CanonicalWeights:
             w3_EHM=cut(self.w3_EHM),
             b1_EH=cut(self.b1_EH),
             b2_EM=cut(self.b2_EM),
+            score_bias_E=self.score_bias_E,
+            shared_w1_SM=self.shared_w1_SM,
+            shared_w2_SM=self.shared_w2_SM,
+            shared_w3_SM=self.shared_w3_SM,
         )
+
+    def routed_only(self) -> CanonicalWeights:
+        """These weights without the shared expert (what a layer that leaves it to the harness loads)."""
+        return dataclasses.replace(self, shared_w1_SM=None, shared_w2_SM=None, shared_w3_SM=None)
 
     def to(self, dtype: torch.dtype | None = None, device: str | None = None) -> CanonicalWeights:
         def conv(t):
@@ -192,7 +285,7 @@ class CanonicalWeights:
             return (torch.randn(*size, generator=gen, dtype=torch.float64) / fan_in**0.5).to(dtype)
 
         swiglu = shape.activation == "swiglu"
-        return cls(
+        weights = cls(
             gate_EM=normal(E, M, fan_in=M),
             w1_EHM=normal(E, H, M, fan_in=M),
             w2_EHM=normal(E, H, M, fan_in=H),
@@ -200,3 +293,12 @@ class CanonicalWeights:
             b1_EH=normal(E, H, fan_in=H) if shape.expert_bias else None,
             b2_EM=normal(E, M, fan_in=M) if shape.expert_bias else None,
         )
+        # Drawn after the routed weights, so a layer without them keeps the weights it always had.
+        if shape.score_bias:  # small against the scores' spread, as a trained bias is, yet changing choices
+            weights.score_bias_E = (torch.randn(E, generator=gen, dtype=torch.float64) * 0.02).to(dtype)
+        S = shape.shared_ffn_dim
+        if S:
+            weights.shared_w1_SM = normal(S, M, fan_in=M)
+            weights.shared_w2_SM = normal(S, M, fan_in=S)
+            weights.shared_w3_SM = normal(S, M, fan_in=M) if swiglu else None
+        return weights

@@ -66,13 +66,15 @@ from systems.base import (
     MoELayerAdapter,
     ReferencePolicy,
 )
+from systems.shared_expert import with_shared_expert
 
 # Relative to sum|t| of a summarised tensor; 10x the equivalence tolerance (bf16: the same),
 # see the module docstring.
 CHECKSUM_TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 3e-2}
 CHECKSUM_SEED = 20260611
 GRAD_NAMES = tuple(f.name for f in fields(CanonicalWeights))
-EXPERT_GRAD_NAMES = tuple(n for n in GRAD_NAMES if n != "gate_EM")
+# Per-expert tensors (dim 0 is the expert); the gate, the router bias and the shared expert are not.
+EXPERT_GRAD_NAMES = tuple(n for n in GRAD_NAMES if n.endswith(("_EHM", "_EH", "_EM")) and n != "gate_EM")
 
 
 @dataclass
@@ -272,7 +274,8 @@ def check_against_reference(
 
     policy = _policy_of(layer, got.stats, shape, knobs, x_TM.shape[0])
     notes = [policy.note] if policy.note else []
-    reference = policy_reference(shape, knobs, ParallelSpec(), policy).to(x_TM.device)
+    reference = with_shared_expert(policy_reference(shape, knobs, ParallelSpec(), policy), shape,
+                                   knobs.torch_dtype).to(x_TM.device)
     reference.load_canonical(weights.to(dtype=knobs.torch_dtype, device=x_TM.device))
     ref = _run(reference, x_TM, dy_TM)
 
@@ -320,7 +323,7 @@ def _checksum_of(run: _Run, layer: MoELayerAdapter, knobs: MoEKnobs) -> dict:
     tol, _ = declared_tolerance(layer, knobs.dtype, CHECKSUM_TOLERANCE)
     grads = None
     if run.grads is not None:
-        grads = {name: tensor_summary(getattr(run.grads, name), per_expert=name != "gate_EM")
+        grads = {name: tensor_summary(getattr(run.grads, name), per_expert=name in EXPERT_GRAD_NAMES)
                  for name in GRAD_NAMES if getattr(run.grads, name) is not None}
     return {
         "tolerance": tol,

@@ -94,8 +94,8 @@ def lm_head_flops(workload, mode: str) -> float:
 
 
 def num_moe_layers(workload) -> int:
-    """Blocks whose FFN is an MoE layer: one in every moe_every blocks."""
-    return workload.model.n_layers // workload.model.moe_every
+    """Blocks whose FFN is an MoE layer (after first_dense, one in every moe_every blocks)."""
+    return workload.model.n_moe_blocks
 
 
 def model_flops(workload, routing_per_layer: list[dict], mode: str) -> dict:

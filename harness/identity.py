@@ -42,6 +42,19 @@ def system_label(trial: dict) -> str:
     return f"{trial['system']}[{','.join(f'{k}={options[k]}' for k in sorted(options))}]"
 
 
+def workload_label(trial: dict, with_flavor: bool = True) -> str:
+    """The workload's name as tables show it: "name/flavor", plus the router when it is not the common
+    softmax one and who computed the shared expert when there is one: "deepseek-v3/proxy
+    [sigmoid+bias/g8:4/x2.5, shared expert: harness]"."""
+    notes = []
+    if trial.get("router") not in (None, "softmax"):
+        notes.append(trial["router"])
+    if trial.get("shared_expert"):
+        notes.append(f"shared expert: {trial['shared_expert']}")
+    label = f"{trial['workload']}/{trial['flavor']}" if with_flavor else trial["workload"]
+    return f"{label} [{', '.join(notes)}]" if notes else label
+
+
 def work_identity(trial: dict) -> dict:
     """Everything about a trial record that changes the measured work, except which system runs it."""
     knobs = trial.get("knobs") or {}

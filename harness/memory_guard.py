@@ -117,7 +117,7 @@ def dense_parameters(workload: Workload) -> int:
     norms = 2 * (2 * M if gpt2 else M)
     hidden = model.dense_ffn_dim or workload.layer.ffn_dim
     dense_ffn = 2 * M * hidden + hidden + M if gpt2 else 3 * M * hidden
-    n_moe = model.n_layers // model.moe_every
+    n_moe = model.n_moe_blocks
     embeddings = model.vocab_size * M + (workload.seq_len * M if gpt2 else 0)
     final = (2 * M if gpt2 else M) + model.vocab_size * M
     return embeddings + model.n_layers * (attention + norms) + (model.n_layers - n_moe) * dense_ffn + final
@@ -153,7 +153,7 @@ def dense_ffn_activations(workload: Workload) -> float:
 # ----------------------------------------------------------------- the estimate
 
 def _n_moe(spec: TrialSpec) -> int:
-    return spec.workload.model.n_layers // spec.workload.model.moe_every if spec.level == "model" else 1
+    return spec.workload.model.n_moe_blocks if spec.level == "model" else 1
 
 
 def _parameters(spec: TrialSpec) -> float:

@@ -35,19 +35,15 @@ from torch import nn
 
 from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
 from systems.base import MoELayerAdapter, MoESystem
+from systems.shared_expert import build_moe_layer
 from workloads.routing import seeded_generator
-from workloads.spec import Workload
+from workloads.spec import Workload, moe_block_indices  # noqa: F401 (re-exported for tests)
 
 # Switch Transformer (Fedus et al., 2021, sec. 2.2) weights its load-balancing
 # loss by alpha = 1e-2; we apply the same weight to the GShard-style aux loss
 # every system returns.
 AUX_LOSS_COEF = 0.01
 INIT_STD = 0.02  # GPT-2 / nanoGPT
-
-
-def moe_block_indices(n_layers: int, moe_every: int) -> list[int]:
-    """Blocks whose FFN is an MoE layer: the last of each group of `moe_every`."""
-    return [i for i in range(n_layers) if (i + 1) % moe_every == 0]
 
 
 def moe_block_weights(layer: LayerShape, seed: int, block: int, dtype: torch.dtype) -> CanonicalWeights:
@@ -190,8 +186,8 @@ def build_model(
     workload.validate()
     dtype = knobs.torch_dtype
     moe_layers = {}
-    for i in moe_block_indices(workload.model.n_layers, workload.model.moe_every):
-        layer = system.build_layer(workload.layer, knobs, parallel, layer_index=i)
+    for i in workload.model.moe_block_indices():
+        layer = build_moe_layer(system, workload.layer, knobs, parallel, layer_index=i)
         layer.load_canonical(moe_block_weights(workload.layer, seed, i, dtype))
         moe_layers[i] = layer
     model = MoETransformer(workload, moe_layers, dtype, knobs.device)

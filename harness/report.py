@@ -19,7 +19,7 @@ from harness import schema, stats
 from harness.convert import PYTEST_BENCHMARK, detect_format
 from harness.errors import UsageError
 from harness.files import describe_json_error
-from harness.identity import differences, system_label, work_identity, work_key
+from harness.identity import differences, system_label, work_identity, work_key, workload_label
 from harness.tables import markdown_table
 
 KEY_COLUMNS = ["workload", "flavor", "level", "mode", "routing", "ws", "ep", "dtype", "cf"]
@@ -173,7 +173,8 @@ def _trial_row(doc: dict, trial: dict) -> dict:
         "run_id": doc["run_id"], "created_utc": doc["created_utc"], "id": trial["id"],
         "system": system_label(trial), "work": trial.get("work_key") or work_key(trial),
         "identity": work_identity(trial), "rounds": list(trial.get("rounds") or []),
-        "workload": trial["workload"], "flavor": trial["flavor"], "level": trial["level"], "mode": trial["mode"],
+        "workload": workload_label(trial, with_flavor=False), "flavor": trial["flavor"], "level": trial["level"],
+        "mode": trial["mode"],
         "routing": trial["routing"], "ws": trial["parallel"]["world_size"], "ep": trial["parallel"]["ep"],
         "dtype": trial["dtype"], "cf": _format_cf(trial.get("knobs")), "status": trial["status"],
         "message": trial["message"],

@@ -217,6 +217,10 @@ def trial_record(spec: TrialSpec, rounds: list[dict]) -> dict:
         "flops": flops, "routing_stats": last.get("routing_stats"),
         "phase_times_s": _median_phases([r.get("phase_times_s") for r in ok]),
         "tuning": last.get("tuning"),  # the last round's; every round's is in its round entry
+        # the router the trial ran (softmax unless the workload declares another) and who computed
+        # the shared expert: "native" (the system), "harness" (systems/shared_expert.py) or None
+        "router": spec.workload.layer.router_label(),
+        "shared_expert": last.get("shared_expert"),
         "check": _combined_check(rounds),
         "peak_memory_bytes": max(memory) if memory else None,
         # what the peak covers (the system's own steps; harness/trial.py), the whole process's peak
@@ -398,7 +402,7 @@ def format_table(trials: list[dict], baseline: str | None = None) -> str:
     same function the reports use, so the two always agree. A system whose equivalence check failed
     gets no speedup ("check failed"): its time is not comparable work."""
     from harness import stats
-    from harness.identity import system_label, work_key
+    from harness.identity import system_label, work_key, workload_label
     from harness.tables import text_table
 
     baseline = baseline or default_baseline(trials)
@@ -430,7 +434,7 @@ def format_table(trials: list[dict], baseline: str | None = None) -> str:
             cal = [r["calibration_before_s"] for r in t["rounds"] if r["calibration_before_s"] is not None]
             cf = t["knobs"]["capacity_factor"]
             par = t["parallel"]
-            rows.append((f"{t['workload']}/{t['flavor']}", f"{t['level']}/{t['mode']}",
+            rows.append((workload_label(t), f"{t['level']}/{t['mode']}",
                          "dropless" if cf is None else f"cf {cf:g}", f"ws{par['world_size']}/ep{par['ep']}",
                          system_label(t), t["status"], _ms(summary["median"] if summary else None),
                          _ms(summary["iqr"] if summary else None), speedup, interval, pairs, check,

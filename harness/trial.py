@@ -216,6 +216,7 @@ def _backward(out, dy_TM: torch.Tensor) -> None:
 
 def build_layer_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict | None]:
     from harness import flops
+    from systems.shared_expert import build_moe_layer
     from workloads.routing import make_layer_input_pool
 
     shape, knobs, parallel = spec.workload.layer, spec.knobs, spec.parallel
@@ -223,7 +224,7 @@ def build_layer_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict
     pool, weights = make_layer_input_pool(shape, T, spec.routing, knobs.seed, spec.input_pool, rank=rank,
                                           dtype=knobs.torch_dtype)
     weights = weights.to(device=device)
-    layer = system.build_layer(shape, knobs, parallel)
+    layer = build_moe_layer(system, shape, knobs, parallel)
     layer.load_canonical(weights)
     check = _layer_check(spec, layer, weights, pool[0].to(device), _expected_checksum(spec))
     layer.zero_grad(set_to_none=True)
@@ -370,7 +371,7 @@ def build_model_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict
     """The iteration papers report: forward, backward, data-parallel gradient sync, optimizer step."""
     from harness import flops
     from harness.distributed import sync_gradients
-    from harness.model import build_model, make_batch_pool, moe_block_indices, moe_block_weights
+    from harness.model import build_model, make_batch_pool, moe_block_weights
     from workloads.routing import make_layer_inputs
 
     workload, knobs, parallel = spec.workload, spec.knobs, spec.parallel
@@ -380,7 +381,7 @@ def build_model_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict
     checks = []
     # Every MoE layer, at layer level on the weights build_model loaded into it (moe_block_weights),
     # with learned-routing tokens of this rank seeded per block.
-    for j, i in enumerate(moe_block_indices(workload.model.n_layers, workload.model.moe_every)):
+    for j, i in enumerate(workload.model.moe_block_indices()):
         weights = moe_block_weights(workload.layer, knobs.seed, i, knobs.torch_dtype)
         x_TM, _ = make_layer_inputs(workload.layer, workload.tokens_per_step, "learned", knobs.seed * 1000 + i,
                                     rank=rank, dtype=knobs.torch_dtype)
@@ -490,6 +491,7 @@ def run_trial(spec: TrialSpec) -> dict:
             torch.cuda.reset_peak_memory_stats()
         from systems import get_system
         from systems.plugins import register_plugins
+        from systems.shared_expert import shared_expert_source
 
         register_plugins(spec.plugins)  # a plugin system is registered again in this fresh process
         system = get_system(spec.system)
@@ -525,6 +527,7 @@ def run_trial(spec: TrialSpec) -> dict:
             check=_combine_rank_checks([r["check"] for r in everyone]),
             input_pool=spec.input_pool,
             tuning=bench.tuning(),
+            shared_expert=shared_expert_source(system, spec.workload.layer),
             peak_memory_bytes=max(r["memory"] for r in everyone),
             peak_memory_scope=peak.scope,
             process_peak_memory_bytes=max(r["process_memory"] for r in everyone),

@@ -220,6 +220,17 @@ class MoESystem(ABC):
     # Can its experts be split over expert-parallel ranks at all? False: every rank holds all experts
     # (a single-process layer, e.g. a plugin), so check_support allows ep 1 only.
     expert_parallel: ClassVar[bool] = True
+    # Does it build the shape's dense shared expert itself? False: the harness adds moebench's own
+    # (systems/shared_expert.py) around the routed layer, identically for every such system.
+    native_shared_experts: ClassVar[bool] = False
+
+    def router_support(self, shape: LayerShape) -> str:
+        """Why this system cannot express `shape`'s router ("" when it can). Default: the common
+        softmax router only (core/values.py COMMON_ROUTER: softmax, top-k, renormalised when k > 1)."""
+        if shape.has_common_router:
+            return ""
+        return (f"{self.name} routes by softmax top-k renormalised only; this workload's router is "
+                f"{shape.router_label()} (run it with router=softmax for the common softmax variant)")
 
     @classmethod
     def availability(cls) -> Availability:
@@ -243,6 +254,9 @@ class MoESystem(ABC):
             if self.shards_experts:
                 return Availability.no(f"{E} experts can be neither split over nor sharded across ep {ep} ranks")
             return Availability.no(f"{E} experts are not divisible by ep {ep} ({self.name} has no sharded experts)")
+        why = self.router_support(shape)
+        if why:
+            return Availability.no(why)
         return Availability.yes()
 
     def init_distributed(self, parallel: ParallelSpec) -> None:

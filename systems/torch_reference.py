@@ -4,7 +4,10 @@ A plain PyTorch loop over experts, written for obviousness, not speed. It
 implements Tutel's routing rules (``docs/tutel-semantics.md`` sections
 2-3) so capacity-limited results are comparable with the Tutel-style systems:
 
-* softmax over gate logits, top-k, gate values renormalised when k > 1;
+* softmax over gate logits, top-k, gate values renormalised when k > 1
+  (the common router); every other router a workload can declare (sigmoid
+  scores, no renormalisation, an aux-loss-free selection bias, group-limited
+  selection, a routed scale: ``route_scores`` and ``docs/routers.md``);
 * slot locations: all first choices of an expert before any second choice,
   in token order (``L_i = cumsum(m_i) - 1 + sum_{j<i} m_j.sum(0)``);
 * capacity ``C = k * int(cf * ceil(T / E))``, at least 1; a choice is kept iff
@@ -44,6 +47,34 @@ def slot_locations(idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
         loc_TK[:, i] = cum_TE.gather(1, idx_TK[:, i : i + 1]).squeeze(1)
         offset_E = offset_E + mask_TE.sum(0)
     return loc_TK
+
+
+def route_scores(logits_TE: torch.Tensor, shape: LayerShape, bias_E: torch.Tensor | None = None):
+    """(scores_TE, idx_TK, gates_TK) under the shape's router.
+
+    scores: softmax or sigmoid of the logits. Selection: top-k of scores + bias (the bias steers the
+    choice only), restricted to the best `topk_groups` of `n_groups` contiguous expert groups, a
+    group's merit being the sum of its two best biased scores (DeepSeek-V3's rule; the best one when
+    a group has a single expert). Gate values: the chosen experts' unbiased scores, divided by their
+    sum when `renormalize` and k > 1, times `route_scale`."""
+    E, K = shape.num_experts, shape.top_k
+    scores_TE = torch.softmax(logits_TE, dim=1) if shape.score == "softmax" else torch.sigmoid(logits_TE)
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
+    if shape.n_groups > 1:
+        G = shape.n_groups
+        grouped_TGX = choice_TE.view(-1, G, E // G)
+        merit_TG = grouped_TGX.topk(min(2, E // G), dim=2).values.sum(2)
+        best_TG = merit_TG.topk(shape.topk_groups, dim=1).indices
+        allowed_TG = torch.zeros_like(merit_TG, dtype=torch.bool).scatter_(1, best_TG, True)
+        allowed_TE = allowed_TG.repeat_interleave(E // G, dim=1)
+        choice_TE = choice_TE.masked_fill(~allowed_TE, float("-inf"))
+    idx_TK = torch.topk(choice_TE, K, dim=1).indices
+    gates_TK = scores_TE.gather(1, idx_TK)
+    if shape.renormalize and K > 1:
+        gates_TK = gates_TK / gates_TK.sum(1, keepdim=True).clamp_min(torch.finfo(gates_TK.dtype).eps)
+    if shape.route_scale != 1.0:
+        gates_TK = gates_TK * shape.route_scale
+    return scores_TE, idx_TK, gates_TK
 
 
 def gshard_aux_loss(probs_TE: torch.Tensor, first_choice_T: torch.Tensor) -> torch.Tensor:
@@ -95,6 +126,8 @@ class ReferenceMoELayer(MoELayerAdapter):
         self.num_local = shape.num_experts // parallel.ep
         self.ep_group, self.ep_rank = _expert_group(parallel)
         self.gate_EM = nn.Parameter(torch.zeros(shape.num_experts, shape.model_dim, dtype=dtype))
+        # The aux-loss-free selection bias: state, not a parameter (no gradient reaches it).
+        self.register_buffer("score_bias_E", torch.zeros(shape.num_experts, dtype=dtype) if shape.score_bias else None)
         self.experts = ReferenceExperts(shape, self.num_local, dtype)
         self._saved: tuple | None = None  # (idx_TK, keep_TK, capacity, l_aux) of the last forward
 
@@ -102,6 +135,8 @@ class ReferenceMoELayer(MoELayerAdapter):
         local = weights.expert_slice(self.ep_rank * self.num_local, self.num_local)
         with torch.no_grad():
             self.gate_EM.copy_(weights.gate_EM)
+            if self.score_bias_E is not None:
+                self.score_bias_E.copy_(weights.score_bias_E)
             for name in ("w1_EHM", "w2_EHM", "w3_EHM", "b1_EH", "b2_EM"):
                 param = getattr(self.experts, name)
                 if param is not None:
@@ -110,10 +145,7 @@ class ReferenceMoELayer(MoELayerAdapter):
     def route(self, x_TM: torch.Tensor):
         """Returns probs_TE, idx_TK, gates_TK, keep_TK, capacity."""
         E, K = self.shape.num_experts, self.shape.top_k
-        probs_TE = torch.softmax(x_TM @ self.gate_EM.T, dim=1)
-        gates_TK, idx_TK = torch.topk(probs_TE, K, dim=1)
-        if K > 1:
-            gates_TK = gates_TK / gates_TK.sum(1, keepdim=True).clamp_min(torch.finfo(gates_TK.dtype).eps)
+        probs_TE, idx_TK, gates_TK = route_scores(x_TM @ self.gate_EM.T, self.shape, self.score_bias_E)
         cf = self.knobs.capacity_factor
         if cf is None:
             keep_TK = torch.ones_like(idx_TK, dtype=torch.bool)
@@ -125,6 +157,8 @@ class ReferenceMoELayer(MoELayerAdapter):
 
     def forward(self, x_TM: torch.Tensor) -> MoEOutput:
         probs_TE, idx_TK, gates_TK, keep_TK, capacity = self.route(x_TM)
+        if self.shape.score == "sigmoid":  # GShard's loss wants a distribution over experts
+            probs_TE = probs_TE / probs_TE.sum(1, keepdim=True)
         l_aux = gshard_aux_loss(probs_TE, idx_TK[:, 0])
         if self.parallel.ep == 1:
             y_TM = self._local_experts(x_TM, idx_TK, gates_TK, keep_TK, first_expert=0)
@@ -204,6 +238,9 @@ def _expert_group(parallel: ParallelSpec):
 class TorchReference(MoESystem):
     name = "torch_reference"
     description = "plain PyTorch loop over experts; the numerical reference"
+
+    def router_support(self, shape: LayerShape) -> str:
+        return ""  # the reference implements every router a workload can declare
 
     def build_layer(self, shape, knobs, parallel, layer_index=0):
         return ReferenceMoELayer(shape, knobs, parallel)

@@ -112,6 +112,7 @@ def test_moe_block_placement():
     assert moe_block_indices(4, 2) == [1, 3]
     assert moe_block_indices(3, 1) == [0, 1, 2]
     assert moe_block_indices(6, 3) == [2, 5]
+    assert moe_block_indices(5, 1, first_dense=3) == [3, 4]  # DeepSeek-V3's leading dense blocks
 
 
 @pytest.mark.parametrize("name", workload_names())
@@ -124,7 +125,8 @@ def test_debug_model_trains_and_is_reproducible(name):
 
     def losses(seed):
         model = build_model(workload, TorchReference(), knobs, ParallelSpec(), seed=seed)
-        expected_moe = moe_block_indices(workload.model.n_layers, workload.model.moe_every)
+        expected_moe = moe_block_indices(workload.model.n_layers, workload.model.moe_every,
+                                         workload.model.first_dense)
         assert [i for i, block in enumerate(model.blocks) if block.is_moe] == expected_moe
         assert len(model.moe_layers) == len(expected_moe) >= 1
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

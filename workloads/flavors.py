@@ -4,13 +4,15 @@ Scaling rule (``proxy``), chosen so one layer forward+backward takes about
 0.1-0.5 s and one model iteration about 0.3-2 s on a 2-core CPU, while
 keeping each model's structure:
 
-* kept: expert count, top-k, activation (SwiGLU vs GELU), the FFN/hidden
-  ratio, head_dim, the query/KV head ratio, norm type, MoE frequency;
+* kept: expert count, top-k, the router, activation (SwiGLU vs GELU), the
+  FFN/hidden ratio (experts, shared expert and dense FFN alike), head_dim,
+  the query/KV head ratio, norm type, MoE frequency;
 * heads scaled by 1/8 (rounded, at least 1), KV heads keep the ratio;
   model_dim = head_dim * heads; ffn_dim = round(model_dim * F/M);
 * tokens: batch 4 x sequence/4 (1024 tokens per rank per step);
 * vocab / 8; layers: 2 blocks for Mixtral (both MoE), 4 for GPT2-XL-MoE
-  (alternating dense and MoE, so 2 MoE blocks).
+  (alternating dense and MoE, so 2 MoE blocks), one leading dense block and
+  2 MoE blocks for a model with leading dense blocks (DeepSeek-V3).
 
 ``debug`` keeps the same structure at toy size (model_dim 32, 64 tokens,
 1-2 blocks) for tests.
@@ -32,15 +34,20 @@ def _scaled(full: Workload, flavor: str, heads: int, head_dim: int, batch: int, 
     model, layer = full.model, full.layer
     kv_heads = max(1, heads * model.n_kv_heads // model.n_heads)
     model_dim = heads * head_dim
-    ffn_dim = round(model_dim * layer.ffn_dim / layer.model_dim)
-    n_layers = 2 * model.moe_every
-    dense = round(model_dim * (model.dense_ffn_dim or layer.ffn_dim) / layer.model_dim) if model.moe_every > 1 else None
+    def width(full_width: int) -> int:
+        return round(model_dim * full_width / layer.model_dim)
+
+    first_dense = min(model.first_dense, 1)
+    n_layers = first_dense + 2 * model.moe_every
+    has_dense = model.moe_every > 1 or first_dense
+    dense = width(model.dense_ffn_dim or layer.ffn_dim) if has_dense else None
     return replace(
         full,
         flavor=flavor,
-        layer=replace(layer, model_dim=model_dim, ffn_dim=ffn_dim),
+        layer=replace(layer, model_dim=model_dim, ffn_dim=width(layer.ffn_dim),
+                      shared_ffn_dim=width(layer.shared_ffn_dim) if layer.shared_ffn_dim else 0),
         model=replace(model, n_layers=n_layers, n_heads=heads, n_kv_heads=kv_heads, vocab_size=vocab,
-                      dense_ffn_dim=dense),
+                      dense_ffn_dim=dense, first_dense=first_dense),
         batch_size=batch,
         seq_len=seq,
     )
@@ -56,7 +63,7 @@ def proxy(full: Workload) -> Workload:
 def debug(full: Workload) -> Workload:
     heads = 2 if full.model.n_heads == full.model.n_kv_heads else 4
     scaled = _scaled(full, "debug", heads, 32 // heads * 1, 2, 32, 128)
-    return replace(scaled, model=replace(scaled.model, n_layers=full.model.moe_every))
+    return replace(scaled, model=replace(scaled.model, n_layers=scaled.model.first_dense + full.model.moe_every))
 
 
 def get_workload(name: str, flavor: str = "proxy") -> Workload:

@@ -40,14 +40,18 @@ from pathlib import Path
 from core.errors import InputError
 from core.names import unknown_name_message
 from core.toml_lines import header_line, key_line, syntax_error_line, syntax_error_text
-from core.values import LayerShape, is_finite_positive
+from core.values import COMMON_ROUTER, LayerShape, is_finite_positive
 from workloads.flavors import get_workload
 from workloads.spec import ModelShape, Workload
 
 LAYER_FIELDS = {"model_dim": int, "ffn_dim": int, "num_experts": int, "top_k": int, "activation": str,
-                "expert_bias": bool}
+                "expert_bias": bool, "score": str, "renormalize": bool, "score_bias": bool, "n_groups": int,
+                "topk_groups": int, "route_scale": float, "shared_ffn_dim": int}
 MODEL_FIELDS = {"n_layers": int, "n_heads": int, "n_kv_heads": int, "vocab_size": int, "moe_every": int,
-                "norm": str, "dense_ffn_dim": int}
+                "norm": str, "dense_ffn_dim": int, "first_dense": int}
+# The override router=softmax replaces a workload's declared router by the common softmax one (every
+# system can run it, so a fine-grained shape's speed is comparable on identical work everywhere).
+ROUTER_CHOICES = ("declared", "softmax")
 RUN_FIELDS = {"batch_size": int, "seq_len": int, "capacity_factor": float}
 TOP_LEVEL_KEYS = {"name": str, "base": str, "flavor": str, "notes": str, **RUN_FIELDS}
 REQUIRED_LAYER = ("model_dim", "ffn_dim", "num_experts", "top_k")
@@ -80,6 +84,10 @@ def _check_type(where: str, key: str, value, kind: type, coerce: bool):
             value = value.lower() == "true"
         elif kind is int and re.fullmatch(r"[+-]?\d{1,4000}", value.strip()):  # int() stops at 4300 digits
             value = int(value)
+        elif kind is float and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value.strip()):
+            value = float(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise InputError(f"{where}{key} must be an integer, got {value!r}", key)
     if kind is not int and not isinstance(value, kind):
@@ -148,13 +156,19 @@ def _split_overrides(overrides: dict) -> tuple[dict, dict, dict]:
     for key, value in (overrides or {}).items():
         if value is None:
             continue  # "not given" (an argparse default); dropless is spelled "dropless"
+        if key == "router":
+            if value not in ROUTER_CHOICES:
+                raise InputError(unknown_name_message("router", value, ROUTER_CHOICES), "router")
+            if value == "softmax":
+                layer.update(COMMON_ROUTER)
+            continue
         for fields, target in ((LAYER_FIELDS, layer), (MODEL_FIELDS, model), (RUN_FIELDS, run)):
             if key in fields:
                 target[key] = _check_type("override ", key, value, fields[key], coerce=True)
                 break
         else:
             raise InputError(unknown_name_message("workload override", key, [*LAYER_FIELDS, *MODEL_FIELDS,
-                                                                              *RUN_FIELDS]), key)
+                                                                              *RUN_FIELDS, "router"]), key)
     return run, layer, model
 
 

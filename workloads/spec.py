@@ -17,6 +17,11 @@ FLAVORS = ("full", "proxy", "debug")
 NORMS = ("layernorm", "rmsnorm")
 
 
+def moe_block_indices(n_layers: int, moe_every: int, first_dense: int = 0) -> list[int]:
+    """Blocks whose FFN is an MoE layer: after `first_dense` dense ones, the last of each group of `moe_every`."""
+    return [i for i in range(first_dense, n_layers) if (i - first_dense + 1) % moe_every == 0]
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """The transformer around the MoE FFNs (``model`` level)."""
@@ -28,11 +33,23 @@ class ModelShape:
     moe_every: int = 1  # 1: every block is MoE; 2: every other block (dense FFN between)
     norm: str = "layernorm"  # "layernorm" (GPT-2) | "rmsnorm" (Mixtral)
     dense_ffn_dim: int | None = None  # FFN of the non-MoE blocks (defaults to the expert's)
+    first_dense: int = 0  # leading blocks that stay dense whatever moe_every says (DeepSeek-V3: 3)
+
+    def moe_block_indices(self) -> list[int]:
+        return moe_block_indices(self.n_layers, self.moe_every, self.first_dense)
+
+    @property
+    def n_moe_blocks(self) -> int:
+        return len(self.moe_block_indices())
 
     def validate(self, model_dim: int) -> None:
         require_positive_ints(self, ("n_layers", "n_heads", "n_kv_heads", "vocab_size", "moe_every"))
         if self.dense_ffn_dim is not None:
             require_positive_ints(self, ("dense_ffn_dim",))
+        if isinstance(self.first_dense, bool) or not isinstance(self.first_dense, int) \
+                or not 0 <= self.first_dense < self.n_layers:
+            raise InputError(f"first_dense must be an integer from 0 to n_layers - 1 ({self.n_layers - 1}), "
+                             f"got {self.first_dense!r}", "first_dense")
         if model_dim % self.n_heads:
             raise InputError(f"model_dim {model_dim} is not divisible by n_heads {self.n_heads}", "n_heads")
         if self.n_heads % self.n_kv_heads:
@@ -69,7 +86,12 @@ class Workload:
             raise InputError(unknown_name_message("flavor", self.flavor, FLAVORS + ("custom",)), "flavor")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain data; fields added later are left out at their defaults, so older workloads keep their hash."""
+        out = asdict(self)
+        out["layer"] = self.layer.non_default_fields()
+        if not self.model.first_dense:
+            del out["model"]["first_dense"]
+        return out
 
     def with_layer(self, **changes) -> Workload:
         return replace(self, layer=replace(self.layer, **changes))

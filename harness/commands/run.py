@@ -28,7 +28,7 @@ DEFAULT_MODE = {"layer": "forward_backward", "model": "train"}
 OVERRIDES = {
     "model_dim": "model_dim", "ffn_dim": "ffn_dim", "experts": "num_experts", "top_k": "top_k",
     "activation": "activation", "batch_size": "batch_size", "seq_len": "seq_len", "layers": "n_layers",
-    "heads": "n_heads", "kv_heads": "n_kv_heads", "vocab": "vocab_size",
+    "heads": "n_heads", "kv_heads": "n_kv_heads", "vocab": "vocab_size", "router": "router",
 }
 OPTION_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
@@ -47,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--flavor", default="proxy", help="full | proxy | debug (default proxy)")
     for flag in OVERRIDES:
         w.add_argument(f"--{flag.replace('_', '-')}", dest=flag, metavar="VALUE",
-                       help=f"override the workload's {OVERRIDES[flag]}")
+                       help="declared (default) | softmax: the workload's own router, or the common softmax "
+                            "top-k router every system can run" if flag == "router"
+                       else f"override the workload's {OVERRIDES[flag]}")
     t = parser.add_argument_group("trial")
     t.add_argument("--level", default="layer", help="layer | model (default layer)")
     t.add_argument("--mode", help="forward | forward_backward | train (default: forward_backward for layer, "

@@ -1,0 +1,117 @@
+"""The dense shared expert, added by moebench around any system's routed layer.
+
+Fine-grained MoEs (DeepSeek-V3: one shared expert beside 256 routed ones) run
+one dense FFN on every token and add its output to the routed experts'. A
+system with its own shared expert declares ``native_shared_experts`` and builds
+it from ``LayerShape.shared_ffn_dim``; for every other system the harness
+wraps the routed layer in ``SharedExpertLayer``. That wrapper is the same code
+for every system, inside the timed step, so a comparison between systems that
+both lack native support is on identical work, and one with native support is
+compared against the same function.
+
+Legend: T tokens, M model dim, S shared-expert hidden width.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
+from systems.base import MoELayerAdapter, MoEOutput, MoESystem, RoutingStats, grad_of
+
+SHARED_NAMES = ("shared_w1_SM", "shared_w2_SM", "shared_w3_SM")
+
+
+class SharedFFN(nn.Module):
+    """y = act(x w1^T) w2, or (silu(x w1^T) * x w3^T) w2 for SwiGLU; no biases (as in DeepSeek-V3)."""
+
+    def __init__(self, shape: LayerShape, dtype: torch.dtype):
+        super().__init__()
+        S, M = shape.shared_ffn_dim, shape.model_dim
+        self.activation = shape.activation
+        self.shared_w1_SM = nn.Parameter(torch.zeros(S, M, dtype=dtype))
+        self.shared_w2_SM = nn.Parameter(torch.zeros(S, M, dtype=dtype))
+        self.shared_w3_SM = nn.Parameter(torch.zeros(S, M, dtype=dtype)) if shape.activation == "swiglu" else None
+
+    def forward(self, x_TM: torch.Tensor) -> torch.Tensor:
+        h_TS = x_TM @ self.shared_w1_SM.T
+        if self.activation == "swiglu":
+            h_TS = F.silu(h_TS) * (x_TM @ self.shared_w3_SM.T)
+        else:
+            h_TS = F.gelu(h_TS) if self.activation == "gelu" else F.relu(h_TS)
+        return h_TS @ self.shared_w2_SM
+
+
+class SharedExpertLayer(MoELayerAdapter):
+    """`routed` (any system's layer) plus moebench's SharedFFN on every token; everything else delegates."""
+
+    def __init__(self, routed: MoELayerAdapter, shape: LayerShape, dtype: torch.dtype):
+        super().__init__()
+        self.routed, self.shape = routed, shape
+        self.shared = SharedFFN(shape, dtype)
+        self.fp64_computed_in_fp32 = routed.fp64_computed_in_fp32
+
+    def load_canonical(self, weights: CanonicalWeights) -> None:
+        self.routed.load_canonical(weights.routed_only())
+        with torch.no_grad():
+            for name in SHARED_NAMES:
+                param = getattr(self.shared, name)
+                if param is not None:
+                    param.copy_(getattr(weights, name).to(dtype=param.dtype, device=param.device))
+
+    def forward(self, x_TM: torch.Tensor) -> MoEOutput:
+        out = self.routed(x_TM)
+        return MoEOutput(out.y_TM + self.shared(x_TM), out.l_aux)
+
+    def routing_stats(self) -> RoutingStats:
+        return self.routed.routing_stats()
+
+    def local_experts(self) -> tuple[int, int]:
+        return self.routed.local_experts()
+
+    def canonical_num_experts(self) -> int:
+        return self.routed.canonical_num_experts()
+
+    def canonical_gradients(self) -> CanonicalWeights:
+        grads = self.routed.canonical_gradients()
+        for name in SHARED_NAMES:
+            setattr(grads, name, grad_of(getattr(self.shared, name)))
+        return grads
+
+    def internal_precision(self, dtype: str):
+        return self.routed.internal_precision(dtype)
+
+    def aux_loss_mismatch(self) -> str:
+        return self.routed.aux_loss_mismatch()
+
+    def phase_times(self):
+        return self.routed.phase_times()
+
+    def tuning_report(self):
+        return self.routed.tuning_report()
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return self.routed.expert_parameters()  # the shared expert is replicated: averaged like dense weights
+
+
+def shared_expert_source(system: MoESystem, shape: LayerShape) -> str | None:
+    """Who computes the shared expert: "native" (the system), "harness" (SharedExpertLayer), None (none)."""
+    if not shape.shared_ffn_dim:
+        return None
+    return "native" if system.native_shared_experts else "harness"
+
+
+def build_moe_layer(system: MoESystem, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec,
+                    layer_index: int = 0) -> MoELayerAdapter:
+    """`system`'s layer for `shape`, with moebench's shared expert around it when the shape has one
+    and the system does not build its own. The one way the harness builds a layer."""
+    layer = system.build_layer(shape, knobs, parallel, layer_index=layer_index)
+    if shared_expert_source(system, shape) == "harness":
+        layer = SharedExpertLayer(layer, shape, knobs.torch_dtype).to(knobs.device)
+    return layer
+
+
+def with_shared_expert(routed: MoELayerAdapter, shape: LayerShape, dtype: torch.dtype) -> MoELayerAdapter:
+    """A reference-side routed layer with the shared expert (the reference never has it natively)."""
+    return SharedExpertLayer(routed, shape, dtype) if shape.shared_ffn_dim else routed
