@@ -13,34 +13,17 @@ Legend: T tokens, M model dim, S shared-expert hidden width.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
 from systems.base import MoELayerAdapter, MoEOutput, MoESystem, RoutingStats, grad_of
+from systems.peer_common import CanonicalFFN
 
-SHARED_NAMES = ("shared_w1_SM", "shared_w2_SM", "shared_w3_SM")
-
-
-class SharedFFN(nn.Module):
-    """y = act(x w1^T) w2, or (silu(x w1^T) * x w3^T) w2 for SwiGLU; no biases (as in DeepSeek-V3)."""
-
-    def __init__(self, shape: LayerShape, dtype: torch.dtype):
-        super().__init__()
-        S, M = shape.shared_ffn_dim, shape.model_dim
-        self.activation = shape.activation
-        self.shared_w1_SM = nn.Parameter(torch.zeros(S, M, dtype=dtype))
-        self.shared_w2_SM = nn.Parameter(torch.zeros(S, M, dtype=dtype))
-        self.shared_w3_SM = nn.Parameter(torch.zeros(S, M, dtype=dtype)) if shape.activation == "swiglu" else None
-
-    def forward(self, x_TM: torch.Tensor) -> torch.Tensor:
-        h_TS = x_TM @ self.shared_w1_SM.T
-        if self.activation == "swiglu":
-            h_TS = F.silu(h_TS) * (x_TM @ self.shared_w3_SM.T)
-        else:
-            h_TS = F.gelu(h_TS) if self.activation == "gelu" else F.relu(h_TS)
-        return h_TS @ self.shared_w2_SM
+# canonical name -> the parameter of the one-expert FFN that holds it
+SHARED_NAMES = {"shared_w1_SM": "w1_HM", "shared_w2_SM": "w2_HM", "shared_w3_SM": "w3_HM"}
 
 
 class SharedExpertLayer(MoELayerAdapter):
@@ -49,14 +32,15 @@ class SharedExpertLayer(MoELayerAdapter):
     def __init__(self, routed: MoELayerAdapter, shape: LayerShape, dtype: torch.dtype):
         super().__init__()
         self.routed, self.shape = routed, shape
-        self.shared = SharedFFN(shape, dtype)
+        # One dense expert of width S, no biases (as in DeepSeek-V3): the peers' canonical one-expert FFN.
+        self.shared = CanonicalFFN(dataclasses.replace(shape, ffn_dim=shape.shared_ffn_dim, expert_bias=False), dtype)
         self.fp64_computed_in_fp32 = routed.fp64_computed_in_fp32
 
     def load_canonical(self, weights: CanonicalWeights) -> None:
         self.routed.load_canonical(weights.routed_only())
         with torch.no_grad():
-            for name in SHARED_NAMES:
-                param = getattr(self.shared, name)
+            for name, own in SHARED_NAMES.items():
+                param = getattr(self.shared, own)
                 if param is not None:
                     param.copy_(getattr(weights, name).to(dtype=param.dtype, device=param.device))
 
@@ -75,8 +59,8 @@ class SharedExpertLayer(MoELayerAdapter):
 
     def canonical_gradients(self) -> CanonicalWeights:
         grads = self.routed.canonical_gradients()
-        for name in SHARED_NAMES:
-            setattr(grads, name, grad_of(getattr(self.shared, name)))
+        for name, own in SHARED_NAMES.items():
+            setattr(grads, name, grad_of(getattr(self.shared, own)))
         return grads
 
     def internal_precision(self, dtype: str):
