@@ -77,6 +77,9 @@ SCORES = ("softmax", "sigmoid")
 # when k > 1), the one every system in moebench can express ("the common softmax router").
 COMMON_ROUTER = {"score": "softmax", "renormalize": True, "score_bias": False, "n_groups": 1,
                  "topk_groups": 1, "route_scale": 1.0}
+# The aux-loss-free bias update between training steps: bias += rate * sign(mean load - load), centred.
+# DeepSeek-V3's gamma (arXiv 2412.19437, sec. 4.2) and torchtitan's default load_balance_coeff.
+BIAS_UPDATE_RATE = 1e-3
 
 
 @dataclass(frozen=True)

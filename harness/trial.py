@@ -241,6 +241,7 @@ def build_layer_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict
         if spec.mode != "forward":
             _backward(out, dy_TM)
         if opt is not None:
+            layer.before_optimizer_step()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return out.y_TM
@@ -407,6 +408,8 @@ def build_model_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict
             loss.backward()
             sync_gradients(model, expert_params, parallel)
         if opt is not None:
+            for layer in model.moe_layers:
+                layer.before_optimizer_step()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return loss

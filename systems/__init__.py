@@ -20,6 +20,10 @@ REGISTRY: dict[str, str] = {
     "deepspeed_moe": "systems.deepspeed_moe:DeepSpeedMoE",
     "megatron_core": "systems.megatron_core:MegatronCore",
     "tutel": "systems.tutel:Tutel",
+    "hf_transformers": "systems.hf_transformers:HFTransformers",
+    "torchtitan": "systems.torchtitan_moe:TorchTitan",
+    "liger_kernel": "systems.gpu_only:LigerKernel",
+    "megatron_grouped_gemm": "systems.gpu_only:MegatronGroupedGemm",
 }
 
 

@@ -187,6 +187,12 @@ class MoELayerAdapter(nn.Module, ABC):
         A layer that returns l_aux=None need not say anything: the check notes that it returns none."""
         return AUX_LOSS_UNSTATED
 
+    def before_optimizer_step(self) -> None:
+        """The work a training step does on this layer outside its module, just before the optimizer
+        step (the harness calls it in train mode, inside the timed step): e.g. the aux-loss-free bias
+        update of DeepSeek-V3-style routers, which torchtitan runs in an optimizer pre-step hook.
+        Default: nothing."""
+
     def phase_times(self) -> dict[str, float] | None:
         """Seconds per phase of the last step (gate, dispatch, experts, combine, comm), if measured."""
         return None

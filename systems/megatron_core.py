@@ -64,6 +64,12 @@ def megatron_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fa
     return math.ceil(num_tokens * top_k / num_experts * capacity_factor)
 
 
+def transformer_engine_present() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
 def _router_class():
     """TopKRouter that keeps its logits for the pre-drop routing statistics (recomputed lazily,
     outside the timed step, in routing_stats) and, without CUDA, keeps its weight on the CPU."""
@@ -97,7 +103,9 @@ def _router_class():
 class MegatronMoELayer(MoELayerAdapter):
     fp64_computed_in_fp32 = "Megatron's router softmax runs in fp32 whatever the input dtype"
 
-    def __init__(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec):
+    def __init__(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec, grouped_gemm: bool = False):
+        """grouped_gemm: Megatron's grouped-GEMM experts (TEGroupedMLP with TransformerEngine, else the
+        grouped_gemm package's GroupedMLP; both CUDA-only) instead of SequentialMLP."""
         super().__init__()
         from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
         from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -135,8 +143,11 @@ class MegatronMoELayer(MoELayerAdapter):
             use_cpu_initialization=on_cpu,
             params_dtype=dtype,
             bf16=dtype == torch.bfloat16,
+            moe_grouped_gemm=grouped_gemm,
         )
-        spec = get_moe_module_spec(use_te=False, num_experts=shape.num_experts, moe_grouped_gemm=False)
+        use_te = grouped_gemm and transformer_engine_present()
+        spec = get_moe_module_spec(use_te=use_te, num_experts=shape.num_experts, moe_grouped_gemm=grouped_gemm,
+                                   moe_use_legacy_grouped_gemm=grouped_gemm and not use_te)
         spec.submodules.router = _router_class()
         self.moe = MoELayer(config, spec.submodules, layer_number=LAYER_NUMBER)
         self.moe.set_layer_number(LAYER_NUMBER)  # the aux-loss tracker skips layers without a number
@@ -159,17 +170,31 @@ class MegatronMoELayer(MoELayerAdapter):
         """Megatron marks SequentialMLP weights inconsistently across versions: name them directly."""
         return self._expert_params
 
+    def _expert_matrices(self, pick) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(fc1 [H or 2H, M], fc2 [M, H]) of each local expert as views of pick(parameter) (its data or
+        its gradient), whichever expert module Megatron built: SequentialMLP keeps one linear pair per
+        expert, TEGroupedMLP one weight{i} pair per expert, the legacy GroupedMLP two flat tensors
+        that its forward views as [E, M, fc1] and [E, H, M]. fc1 is [w1; w3] for the GLU."""
+        experts, E, M = self.moe.experts, self.num_local, self.shape.model_dim
+        if hasattr(experts, "local_experts"):
+            return [(pick(m.linear_fc1.weight), pick(m.linear_fc2.weight)) for m in experts.local_experts]
+        if hasattr(experts, "weight1"):
+            w1_EMF, w2_EHM = pick(experts.weight1).view(E, M, -1), pick(experts.weight2).view(E, -1, M)
+            return [(w1_EMF[e].T, w2_EHM[e].T) for e in range(E)]
+        return [(pick(getattr(experts.linear_fc1, f"weight{e}")), pick(getattr(experts.linear_fc2, f"weight{e}")))
+                for e in range(E)]
+
     def load_canonical(self, weights: CanonicalWeights) -> None:
         weights = weights.to(dtype=self.knobs.torch_dtype, device=self.knobs.device)
         with torch.no_grad():
             self.moe.router.weight.copy_(weights.gate_EM)
-            for i, mlp in enumerate(self.moe.experts.local_experts):
+            for i, (fc1, fc2) in enumerate(self._expert_matrices(lambda p: p.data)):
                 e = self.first_local + i
-                fc1 = weights.w1_EHM[e]
+                w1 = weights.w1_EHM[e]
                 if weights.w3_EHM is not None:  # Megatron's GLU: fc1 = [gate; up], act(gate) * up
-                    fc1 = torch.cat([weights.w1_EHM[e], weights.w3_EHM[e]], dim=0)
-                mlp.linear_fc1.weight.copy_(fc1)
-                mlp.linear_fc2.weight.copy_(weights.w2_EHM[e].T)
+                    w1 = torch.cat([weights.w1_EHM[e], weights.w3_EHM[e]], dim=0)
+                fc1.copy_(w1)
+                fc2.copy_(weights.w2_EHM[e].T)
 
     def forward(self, x_TM: torch.Tensor) -> MoEOutput:
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
@@ -213,15 +238,21 @@ class MegatronMoELayer(MoELayerAdapter):
         return self.first_local, self.num_local
 
     def canonical_gradients(self) -> CanonicalWeights:
-        """SequentialMLP: fc1 [H, M] (GLU: [w1; w3] stacked, [2H, M]) and fc2 [M, H] = w2^T per expert."""
+        """Per expert: fc1 [H, M] (GLU: [w1; w3] stacked, [2H, M]) and fc2 [M, H] = w2^T."""
         w1, w2, w3 = [], [], []
         H = self.shape.ffn_dim
-        for mlp in self.moe.experts.local_experts:
-            fc1 = grad_of(mlp.linear_fc1.weight)
+        grads = {}  # one gradient copy per parameter, however many experts view it
+
+        def grad_view(param):
+            if id(param) not in grads:
+                grads[id(param)] = grad_of(param)
+            return grads[id(param)]
+
+        for fc1, fc2 in self._expert_matrices(grad_view):
             w1.append(fc1[:H])
             if self.shape.activation == "swiglu":
                 w3.append(fc1[H:])
-            w2.append(grad_of(mlp.linear_fc2.weight).T)
+            w2.append(fc2.T)
         return CanonicalWeights(gate_EM=grad_of(self.moe.router.weight), w1_EHM=torch.stack(w1),
                                 w2_EHM=torch.stack(w2), w3_EHM=torch.stack(w3) if w3 else None)
 
@@ -245,7 +276,8 @@ class MegatronCore(MoESystem):
     name = "megatron_core"
     description = "Megatron-Core MoELayer (SequentialMLP experts, all-to-all or all-gather dispatcher)"
     options = {"dispatcher": "token dispatcher: 'alltoall' (default) or 'allgather'",
-               "grouped_gemm": "Megatron's grouped GEMM experts (CUDA-only; refused here)"}
+               "grouped_gemm": "Megatron's grouped GEMM experts (CUDA-only; refused here: the "
+                               "megatron_grouped_gemm system runs them)"}
 
     @classmethod
     def availability(cls) -> Availability:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
+from core.values import BIAS_UPDATE_RATE, CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
 from systems.base import MoELayerAdapter, MoEOutput, MoESystem, RoutingStats, grad_of
 
 
@@ -126,8 +126,14 @@ class ReferenceMoELayer(MoELayerAdapter):
         self.num_local = shape.num_experts // parallel.ep
         self.ep_group, self.ep_rank = _expert_group(parallel)
         self.gate_EM = nn.Parameter(torch.zeros(shape.num_experts, shape.model_dim, dtype=dtype))
-        # The aux-loss-free selection bias: state, not a parameter (no gradient reaches it).
-        self.register_buffer("score_bias_E", torch.zeros(shape.num_experts, dtype=dtype) if shape.score_bias else None)
+        # The aux-loss-free selection bias: state, not a parameter (no gradient reaches it). Kept in at least
+        # fp32, as DeepSeek-V3 and torchtitan keep it: a bf16 bias could not hold its 1e-3 updates.
+        bias_dtype = torch.promote_types(dtype, torch.float32)
+        self.register_buffer("score_bias_E", torch.zeros(shape.num_experts, dtype=bias_dtype) if shape.score_bias
+                             else None)
+        # Choices per expert since the last bias update (training forwards only), for before_optimizer_step.
+        self.register_buffer("load_E", torch.zeros(shape.num_experts, dtype=torch.float32) if shape.score_bias
+                             else None, persistent=False)
         self.experts = ReferenceExperts(shape, self.num_local, dtype)
         self._saved: tuple | None = None  # (idx_TK, keep_TK, capacity, l_aux) of the last forward
 
@@ -167,7 +173,22 @@ class ReferenceMoELayer(MoELayerAdapter):
         # Statistics are counted lazily in routing_stats(), outside any timed step; what stays here
         # is the routing itself (its nonzero() per expert is a host sync the loop needs anyway).
         self._saved = (idx_TK.detach(), keep_TK.detach(), capacity, l_aux.detach())
+        if self.load_E is not None and self.training:
+            self.load_E += torch.bincount(idx_TK.detach().flatten(), minlength=self.shape.num_experts)
         return MoEOutput(y_TM, l_aux)
+
+    def before_optimizer_step(self) -> None:
+        """The aux-loss-free bias update (core/values.py BIAS_UPDATE_RATE), from every rank's load."""
+        if self.load_E is None:
+            return
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.load_E)
+        with torch.no_grad():
+            delta_E = BIAS_UPDATE_RATE * torch.sign(self.load_E.mean() - self.load_E)
+            self.score_bias_E += (delta_E - delta_E.mean()).to(self.score_bias_E.dtype)
+            self.load_E.zero_()
 
     def _local_experts(self, x_TM, idx_TK, gates_TK, keep_TK, first_expert):
         y_TM = torch.zeros(x_TM.shape[0], self.shape.model_dim, dtype=x_TM.dtype, device=x_TM.device)

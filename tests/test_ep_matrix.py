@@ -15,7 +15,7 @@ import pytest
 from core.values import MoEKnobs, ParallelSpec
 from harness import runner
 from harness.trial_spec import TrialSpec
-from systems import availability, system_names
+from systems import availability, get_system, system_names
 from workloads.flavors import get_workload
 
 AVAILABLE = [name for name in system_names() if availability(name).ok]
@@ -40,11 +40,14 @@ def assert_ok_and_checked(trials: list[dict]) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2])
 def test_every_available_system_at_full_expert_parallelism(world):
-    specs = [spec(name, world, world) for name in AVAILABLE]
+    # Systems that keep every expert in one process (transformers' blocks, torchtitan's module) or
+    # run bf16 only refuse this trial with their reason (tests/test_hf_transformers.py, test_torchtitan.py).
+    specs = [s for s in (spec(name, world, world) for name in AVAILABLE)
+             if get_system(s.system).check_support(s.workload.layer, s.knobs, s.parallel).ok]
     if "megatron_core" in AVAILABLE and world == 2:  # its other dispatcher (CPU compat layer's buffers)
         specs.append(spec("megatron_core", world, world, dispatcher="allgather"))
     trials = runner.run_trials(specs, runner.RunOptions(repeats=1, progress=io.StringIO()))
-    assert {t["system"] for t in trials} == set(AVAILABLE) >= {"torch_reference", "tutel_native"}
+    assert {t["system"] for t in trials} >= {"torch_reference", "tutel_native", "deepspeed_moe", "megatron_core"}
     assert_ok_and_checked(trials)
 
 

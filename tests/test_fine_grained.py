@@ -161,7 +161,7 @@ def test_common_router_with_shared_expert_matches_the_reference():
     shape = resolve_workload("deepseek-v3", "debug", {"router": "softmax", "num_experts": 16, "n_groups": 1}).layer
     layer, check = _check(system, shape)
     assert isinstance(layer, SharedExpertLayer) and shared_expert_source(get_system(system), shape) == "harness"
-    assert check.passed, check.notes
+    assert check.passed, check.note
     assert {"grad_shared_w1_SM", "grad_shared_w2_SM", "grad_shared_w3_SM"} <= set(check.rel_err)
 
 
@@ -174,7 +174,7 @@ def test_reference_against_itself_covers_the_declared_router():
 def test_tutel_native_on_the_softmax_fine_grained_debug_shapes(name):
     shape = resolve_workload(name, "debug", {"router": "softmax"}).layer
     _, check = _check("tutel_native", shape)
-    assert check.passed, check.notes
+    assert check.passed, check.note
 
 
 def test_reference_tensors_are_the_reference_layer():
