@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from core.machine import cpu_model  # noqa: F401 (part of this module's record API)
+
 # Distribution names whose versions go into every results file.
 TRACKED_PACKAGES = ("torch", "numpy", "pandas", "deepspeed", "megatron-core", "tutel", "matplotlib")
 GIT_TIMEOUT_S = 10
@@ -29,19 +31,6 @@ def package_version(distribution: str) -> str | None:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def cpu_model(cpuinfo_path: str = "/proc/cpuinfo") -> str:
-    """The "model name" line of /proc/cpuinfo; platform.processor() elsewhere."""
-    try:
-        with open(cpuinfo_path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, sep, value = line.partition(":")
-                if sep and key.strip() == "model name":
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> dict[str, bool] | None:

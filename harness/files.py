@@ -7,11 +7,12 @@ new one, never a half-written file, even if the writer is killed mid-way.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from core.files import write_text_atomic
 from harness.errors import UsageError
+
+__all__ = ["write_json_atomic", "write_text_atomic", "read_json", "describe_json_error"]
 
 
 def write_json_atomic(data, path, indent: int | None = 1) -> Path:
@@ -19,39 +20,6 @@ def write_json_atomic(data, path, indent: int | None = 1) -> Path:
 
     Serialising first means a value json cannot encode fails before any file exists."""
     return write_text_atomic(json.dumps(data, indent=indent) + "\n", path)
-
-
-def write_text_atomic(text: str, path) -> Path:
-    """Write a temp file in the same directory, fsync, os.replace, fsync the directory; any failure
-    removes the temp file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:  # any failure, Ctrl-C included: leave no temp file behind, then re-raise
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); harmless where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. a platform without directory fds: the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on a directory; nothing more to do
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_json(path, what: str = "file"):

@@ -1,7 +1,8 @@
-"""tutel_native's two expert kernels: "mm" (row ranges of one buffer) and "onednn" (expert by expert).
+"""tutel_native's expert kernels: "mm" (row ranges of one buffer), "onednn" (expert by expert) and
+"grouped" (torch._grouped_mm over live rows), and the cost model that picks one with a layout.
 
-Both must give the same outputs and gradients (to fp32 rounding) on any row split, including
-experts that get no rows and padded [E, C] buffers; "auto" must pick onednn only where it exists.
+All must give the same outputs and gradients (to fp32 rounding) on any row split, including
+experts that get no rows and padded [E, C] buffers; a kernel is offered only where it runs.
 
 Legend: N rows, M model dim, H hidden, E experts.
 """
@@ -11,13 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from systems.tutel_native import moe_layer
+from systems.tutel_native import grouped, kernel_choice, moe_layer
 from systems.tutel_native.experts import resolve_kernel
 from systems.tutel_native.per_expert import kernel_available
 
 M, H, E = 32, 48, 4
 ONEDNN = kernel_available("cpu", torch.float32)
+GROUPED = grouped.kernel_available("cpu", torch.float32)
 needs_onednn = pytest.mark.skipif(not ONEDNN, reason="this torch has no usable oneDNN fp32 matmul")
+AVAILABLE = {"onednn": ONEDNN, "grouped": GROUPED}
 
 EXPERTS = {
     "ffn gelu + biases": {"type": "ffn", "has_fc1_bias": True, "has_fc2_bias": True},
@@ -64,27 +67,29 @@ def test_resolve_kernel():
         resolve_kernel("cublas", x32)
 
 
-@needs_onednn
+@pytest.mark.parametrize("kernel", ["onednn", "grouped"])
 @pytest.mark.parametrize("name", list(EXPERTS))
 @pytest.mark.parametrize("splits", [(7, 0, 12, 5), (0, 0, 3, 0), (6, 6, 6, 6)], ids=["ragged", "one", "padded"])
-def test_onednn_kernel_matches_mm_kernel(name, splits):
+def test_kernel_matches_mm_kernel(kernel, name, splits):
     """Same outputs and gradients as the row-range kernel; both as close to an fp64 run as fp32 allows;
     experts with no rows get exactly zero weight gradients."""
+    if not AVAILABLE[kernel]:
+        pytest.skip(f"kernel {kernel} does not run on this torch")
     experts = experts_for(EXPERTS[name])
     N, O = sum(splits), experts.output_dim if hasattr(experts, "output_dim") else M
     gen = torch.Generator().manual_seed(1)
     x_NM, dy_NO = torch.randn(N, M, generator=gen), torch.randn(N, O, generator=gen)
-    mm, onednn = run(experts, x_NM, dy_NO, splits, "mm"), run(experts, x_NM, dy_NO, splits, "onednn")
+    mm, other = run(experts, x_NM, dy_NO, splits, "mm"), run(experts, x_NM, dy_NO, splits, kernel)
     truth = run(experts.double(), x_NM.double(), dy_NO.double(), splits, "mm")
     experts.float()
-    for what, a, b, t in [("y", mm[0], onednn[0], truth[0]), ("dx", mm[1], onednn[1], truth[1])] + [
-        (n, mm[2][n], onednn[2][n], truth[2][n]) for n in mm[2]
+    for what, a, b, t in [("y", mm[0], other[0], truth[0]), ("dx", mm[1], other[1], truth[1])] + [
+        (n, mm[2][n], other[2][n], truth[2][n]) for n in mm[2]
     ]:
-        assert rel_err(b, a) < 2e-5, f"{what}: onednn vs mm {rel_err(b, a):.3g}"
-        assert rel_err(b, t) < 2e-5, f"{what}: onednn vs fp64 {rel_err(b, t):.3g}"
+        assert rel_err(b, a) < 2e-5, f"{what}: {kernel} vs mm {rel_err(b, a):.3g}"
+        assert rel_err(b, t) < 2e-5, f"{what}: {kernel} vs fp64 {rel_err(b, t):.3g}"
     for e, n in enumerate(splits):
         if n == 0:
-            for name_, grad in onednn[2].items():
+            for name_, grad in other[2].items():
                 assert grad.view(E, -1)[e].abs().max() == 0, f"{name_}: expert {e} has no rows"
 
 
@@ -103,23 +108,51 @@ def test_onednn_kernel_input_gradient_only():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_auto_layout_and_kernel_of_the_layer(dtype):
-    """fp32 on CPU: the onednn kernel on live rows only (no padding, whatever the thread count);
-    fp64: the mm kernel, grouped padding at more than one thread."""
+def test_auto_layout_and_kernel_of_the_layer(dtype, tmp_path, monkeypatch):
+    """Kernel and layout "auto": the step runs what the cost model predicts cheapest for its fills, on
+    the rows that layout implies; fp32 may choose among every kernel that runs here, fp64 only mm."""
+    monkeypatch.setattr(kernel_choice, "CACHE_DIR", tmp_path)
     torch.manual_seed(0)
     layer = moe_layer({"type": "top", "k": 2, "capacity_factor": 1.25}, M,
                       {"type": "llama_ffn", "num_experts_per_device": E, "hidden_size_per_expert": H}).to(dtype)
     x = torch.randn(64, M, dtype=dtype)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        layer(x)
-    finally:
-        torch.set_num_threads(threads)
-    stats = layer.last_stats
-    if dtype == torch.float32 and ONEDNN:
-        assert layer._kernel == "onednn"
-        assert stats.rows_computed == stats.live_rows
-    else:
-        assert layer._kernel == "mm"
-        assert stats.rows_computed >= stats.live_rows
+    layer(x)
+    stats, model = layer.last_stats, layer.kernel_cost_model
+    fills = [min(n, stats.capacity) for n in stats.dispatch_count]
+    (name,) = layer.kernel_choices
+    assert name == "/".join(model.choose(fills)) and layer._kernel == name.split("/")[0]
+    assert stats.rows_computed == kernel_choice.rows(name, fills)
+    want = {"mm/live", "mm/max_fill"} | ({"onednn/live"} if ONEDNN else set()) | ({"grouped/live"} if GROUPED else set())
+    assert set(model.costs) == (want if dtype == torch.float32 else {"mm/live", "mm/max_fill"})
+    assert model.source == "measured" and len(list(tmp_path.glob("*.json"))) == 1
+
+
+
+
+def test_cost_model_runs_the_predicted_cheapest():
+    """Hand-computed: even fills favour one padded bmm (small fixed cost, no padding to pay); one
+    overfull expert makes padding every expert to its fill cost more than the grouped call's overhead."""
+    model = kernel_choice.KernelCostModel({"grouped/live": kernel_choice.Cost(1e-3, 1e-6),
+                                           "mm/max_fill": kernel_choice.Cost(0.2e-3, 1e-6)}, {}, {}, "given", "")
+    even, skewed = [10] * 8, [1] * 7 + [500]
+    assert model.predict("grouped/live", even) == pytest.approx(1.08e-3)
+    assert model.predict("mm/max_fill", even) == pytest.approx(0.28e-3)
+    assert model.choose(even) == ("mm", "max_fill")
+    assert model.predict("grouped/live", skewed) == pytest.approx(1.507e-3)
+    assert model.predict("mm/max_fill", skewed) == pytest.approx(4.2e-3)
+    assert model.choose(skewed) == ("grouped", "live")
+
+
+def test_cost_model_is_measured_once_then_read_back(tmp_path, monkeypatch):
+    """A second process (here: this one with its memory cleared) reads the first one's constants, so
+    both make the same choices for the same fills."""
+    monkeypatch.setattr(kernel_choice, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(kernel_choice, "_MODELS", {})
+    experts = experts_for(EXPERTS["llama_ffn (SwiGLU)"])
+    first = kernel_choice.model_for(experts, torch.device("cpu"), torch.float32, rows_per_expert=12.0)
+    monkeypatch.setattr(kernel_choice, "_MODELS", {})
+    again = kernel_choice.model_for(experts, torch.device("cpu"), torch.float32, rows_per_expert=14.0)  # same n
+    assert (first.source, again.source) == ("measured", "cache") and first.costs == again.costs
+    assert first.key["rows_per_expert"] == [16, 32] and first.key["num_experts"] == E
+    assert all(len(points) == 2 and all(t > 0 for _, t in points) for points in first.points.values())
+    assert len(list(tmp_path.glob("*.json"))) == 1

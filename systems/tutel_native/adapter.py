@@ -35,7 +35,8 @@ OPTIONS = {
     "use_2dh": "2D hierarchical all-to-all (bool)",
     "local_size": "ranks per node for use_2dh (int)",
     "profile_phases": "measure per-phase wall time (bool; adds synchronisation)",
-    "expert_kernel": "expert GEMM kernel: 'auto' (default: oneDNN on CPU fp32, else mm), 'onednn' or 'mm'",
+    "expert_kernel": "expert GEMM kernel: 'auto' (default: with expert_layout 'auto', a measured cost model "
+                     "picks kernel and layout each step, kernel_choice.py), 'onednn', 'mm' or 'grouped'",
     "expert_layout": "world-size-1 expert buffer layout: 'auto', 'live', 'grouped', 'max_fill' or 'capacity'",
     "tune": "run the adaptive (r, d) tuner in the first forward, a warm-up step (bool; tuner.py)",
     "tune_steps": "timed forward+backward steps per tuner candidate (int >= 1, default 3)",
@@ -172,7 +173,13 @@ class TutelNativeLayer(MoELayerAdapter):
         }
 
     def tuning_report(self) -> dict | None:
-        return self._tuning
+        """The (r, d) tuner's report (option tune) and the expert kernel cost model's: its constants,
+        where they came from, and how many steps ran each kernel/layout it chose."""
+        report = dict(self._tuning or {})
+        model = self.layer.kernel_cost_model
+        if model is not None:
+            report["kernel_choice"] = {**model.report(), "steps": dict(self.layer.kernel_choices)}
+        return report or None
 
     def routing_stats(self) -> RoutingStats:
         """Read off the layer's StepStats, which it builds on request (the host copies of the counts

@@ -1,9 +1,11 @@
 """What both expert kernels share: the row-split spec and activations with closed-form derivatives.
 
-Kernels (see experts.py and per_expert.py):
-  "mm"     torch mm/bmm on row ranges of one [N, M] buffer, any device and dtype;
-  "onednn" expert by expert with oneDNN's matmul (CPU, fp32), faster there;
-  "auto"   "onednn" where it is available for the input's device and dtype, else "mm".
+Kernels (see experts.py, per_expert.py and grouped.py):
+  "mm"      torch mm/bmm on row ranges of one [N, M] buffer, any device and dtype;
+  "onednn"  expert by expert with oneDNN's matmul (CPU, fp32);
+  "grouped" one torch._grouped_mm per projection over every expert's live rows (fp32, bf16);
+  "auto"    with layout "auto" too, the measured cost model of kernel_choice.py picks kernel and
+            layout each step; with a fixed layout, "onednn" where available, else "mm".
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KERNELS = ("auto", "mm", "onednn")
+KERNELS = ("auto", "mm", "onednn", "grouped")
 
 
 def activation_kind(act) -> str:

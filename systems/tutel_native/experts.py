@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from systems.tutel_native import per_expert
+from systems.tutel_native import grouped, per_expert
 from systems.tutel_native.expert_ops import KERNELS, RowSpec, act_backward, act_forward, activation_kind
 
 
@@ -164,7 +164,8 @@ class _ExpertRows(torch.autograd.Function):
 
 
 def resolve_kernel(kernel: str, x: torch.Tensor) -> str:
-    """"auto" -> "onednn" where oneDNN's fp32 matmul is usable for ``x``, else "mm"."""
+    """"auto" -> "onednn" where oneDNN's fp32 matmul is usable for ``x``, else "mm" (the rule when a
+    layout is fixed; with both kernel and layout "auto" the layer asks kernel_choice.py instead)."""
     if kernel not in KERNELS:
         raise ValueError(f"expert kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     available = per_expert.kernel_available(x.device.type, x.dtype)
@@ -173,13 +174,17 @@ def resolve_kernel(kernel: str, x: torch.Tensor) -> str:
     if kernel == "onednn" and not available:
         raise ValueError(f"expert kernel 'onednn' needs a CPU fp32 input and torch built with oneDNN "
                          f"(got {x.device.type} {x.dtype})")
+    if kernel == "grouped" and not grouped.kernel_available(x.device.type, x.dtype):
+        raise ValueError(f"expert kernel 'grouped' needs torch._grouped_mm for {x.device.type} {x.dtype}")
     return kernel
+
+
+FUNCTIONS = {"onednn": per_expert.PerExpertRows, "grouped": grouped.GroupedRows}
 
 
 def expert_rows(x_NM, spec: RowSpec, w_in, w_gate, w_out, b_in, b_out) -> torch.Tensor:
     """The built-in experts on ``spec``'s row ranges, with its kernel (resolved for ``x_NM`` here)."""
-    kernel = resolve_kernel(spec.kernel, x_NM)
-    function = per_expert.PerExpertRows if kernel == "onednn" else _ExpertRows
+    function = FUNCTIONS.get(resolve_kernel(spec.kernel, x_NM), _ExpertRows)
     return function.apply(x_NM, spec, w_in, w_gate, w_out, b_in, b_out)
 
 
@@ -194,6 +199,18 @@ class _ExpertBase(nn.Module):
 
     def present_weight_names(self) -> tuple[str, ...]:
         return tuple(n for n in self.weight_names if getattr(self, n, None) is not None)
+
+    def row_widths(self) -> tuple[int, int, int]:
+        """(M, H, O): the widths of the rows the GEMMs read and write (what grouped_mm aligns)."""
+        raise NotImplementedError
+
+    def has_bias(self) -> bool:
+        return False
+
+    def synthetic_weights(self, num_experts: int, dtype, gen) -> tuple:
+        """(w_in, w_gate, w_out, b_in, b_out) for ``num_experts`` experts in this class's layouts, random:
+        what kernel_choice.py times the kernels on."""
+        raise NotImplementedError
 
     def forward(self, x_ENM: torch.Tensor, ctx=None) -> torch.Tensor:
         """Padded call (Tutel's expert interface): [E_local, N, M] -> [E_local, N, O]."""
@@ -219,6 +236,26 @@ class FFNExperts(_ExpertBase):
             nn.Parameter(torch.empty(num_local, out_bias).uniform_(-bound2, bound2)) if fc2_bias else None
         )
         self.output_dim = output_dim
+        self.num_local = num_local
+
+    def row_widths(self) -> tuple[int, int, int]:
+        return self.batched_fc1_w.shape[2], self.batched_fc1_w.shape[1], self.batched_fc2_w.shape[2]
+
+    def has_bias(self) -> bool:
+        return self.batched_fc1_bias is not None or self.batched_fc2_bias is not None
+
+    def row_spec(self, splits, kernel: str) -> RowSpec:
+        return RowSpec(tuple(splits), self.act_kind, self.act, gated=False, in_transposed=True, kernel=kernel)
+
+    def synthetic_weights(self, num_experts: int, dtype, gen) -> tuple:
+        M, H, O = self.row_widths()
+
+        def draw(*shape):
+            return torch.randn(*shape, generator=gen, dtype=dtype) * 0.02
+
+        return (draw(num_experts, H, M), None, draw(num_experts, H, O),
+                draw(num_experts, H) if self.batched_fc1_bias is not None else None,
+                draw(num_experts, O) if self.batched_fc2_bias is not None else None)
 
     def compute_rows(self, x_NM: torch.Tensor, splits, weights=None, kernel: str = "auto") -> torch.Tensor:
         """Expert e on rows of its range; ``weights`` overrides (e.g. all-gathered) parameters."""
@@ -227,9 +264,9 @@ class FFNExperts(_ExpertBase):
         dt = x_NM.dtype
         w1, w2 = named["batched_fc1_w"].to(dt), named["batched_fc2_w"].to(dt)
         b1, b2 = named.get("batched_fc1_bias"), named.get("batched_fc2_bias")
-        spec = RowSpec(tuple(splits), self.act_kind, self.act, gated=False, in_transposed=True, kernel=kernel)
         return expert_rows(
-            x_NM, spec, w1, None, w2, None if b1 is None else b1.to(dt), None if b2 is None else b2.to(dt)
+            x_NM, self.row_spec(splits, kernel), w1, None, w2,
+            None if b1 is None else b1.to(dt), None if b2 is None else b2.to(dt)
         )
 
 
@@ -254,12 +291,25 @@ class LlamaFFNExperts(_ExpertBase):
         w1, w2, w3 = (w if w.numel() == numel else w[:numel] for w in weights)
         return w1.view(E, M, H), w2.view(E, M, H), w3.view(E, H, M)
 
+    def row_widths(self) -> tuple[int, int, int]:
+        return self.model_dim, self.hidden, self.model_dim
+
+    def row_spec(self, splits, kernel: str) -> RowSpec:
+        return RowSpec(tuple(splits), self.act_kind, self.act, gated=True, in_transposed=False, kernel=kernel)
+
+    def synthetic_weights(self, num_experts: int, dtype, gen) -> tuple:
+        E, M, H = num_experts, self.model_dim, self.hidden
+
+        def draw(*shape):
+            return torch.randn(*shape, generator=gen, dtype=dtype) * 0.02
+
+        return draw(E, M, H), draw(E, M, H), draw(E, H, M), None, None
+
     def compute_rows(self, x_NM: torch.Tensor, splits, weights=None, kernel: str = "auto") -> torch.Tensor:
         """``weights``: full (unsharded or all-gathered) flat tensors in W_fc1, W_fc2, W_fc3 order."""
         weights = self.local_weights() if weights is None else weights
         w1, w2, w3 = self.full_views(tuple(w.to(x_NM.dtype) for w in weights))
-        spec = RowSpec(tuple(splits), self.act_kind, self.act, gated=True, in_transposed=False, kernel=kernel)
-        return expert_rows(x_NM, spec, w1, w2, w3, None, None)
+        return expert_rows(x_NM, self.row_spec(splits, kernel), w1, w2, w3, None, None)
 
 
 EXPERT_KEYS = {

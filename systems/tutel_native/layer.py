@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from systems.tutel_native import kernel_choice
 from systems.tutel_native.dispatch import decode, encode
 from systems.tutel_native.experts import EXPERT_KEYS, build_experts, resolve_kernel
 from systems.tutel_native.gates import GateConfig, build_gate, gate_logits
@@ -148,18 +149,24 @@ class MoELayer(nn.Module):
         self.local_size = local_size
         self.result_func = result_func
         # Expert GEMM kernel (expert_ops.KERNELS): "onednn" (expert by expert, oneDNN matmul; CPU
-        # fp32), "mm" (torch mm/bmm on row ranges of one buffer) or "auto" (onednn where available).
+        # fp32), "mm" (torch mm/bmm on row ranges of one buffer), "grouped" (torch._grouped_mm over
+        # live rows) or "auto" (with layout "auto" at world size 1: the cost model, kernel_choice.py).
         self.expert_kernel = "auto"
         self._kernel = "mm"  # expert_kernel resolved for the current step's input
         # World size 1 buffer layout: "live" rows only (no padding), "grouped" (consecutive groups
         # of experts padded to their largest fill, one bmm per group and GEMM; the group size from
         # a cost model, see _splits_for), "max_fill" (E x largest fill, one bmm per GEMM),
-        # "capacity" (E x C, Tutel's) or "auto": live with the onednn kernel or one intra-op
-        # thread, else grouped (a batched call splits experts across threads and synchronises
-        # once; measured in reports/tutel_native_efficiency.md). Above one rank the all-to-all
+        # "capacity" (E x C, Tutel's) or "auto": with kernel "auto" too, the cost model's choice
+        # per step; with a fixed kernel, live with the onednn kernel or one intra-op thread, else
+        # grouped (a batched call splits experts across threads and synchronises once). Above one rank the all-to-all
         # always carries Tutel's [E, C, M] buffers; the experts skip their padding rows unless
         # the layout is "capacity" (parallel.LiveRows).
         self.expert_layout = "auto"
+        # With both "auto" at world size 1: the measured cost model (kernel_choice.py) and how many
+        # steps ran each "kernel/layout" it chose.
+        self.kernel_cost_model: kernel_choice.KernelCostModel | None = None
+        self.kernel_choices: dict[str, int] = {}
+        self._cost_model_key: tuple | None = None
 
         gate_seed, expert_seed, after_seed = (list(seeds or ()) + [None] * 3)[:3]
         configs = [GateConfig.parse(g) for g in (gate_type if isinstance(gate_type, list | tuple) else [gate_type])]
@@ -256,6 +263,7 @@ class MoELayer(nn.Module):
             group_max=self._group_max,
             padded=self._needs_padded(),
             splits_for=self._splits_for() if self.world_size == 1 else None,
+            layout_for=self._cost_model_layout(x_SM, S * k / E) if self._uses_cost_model() else None,
         )
         plan.overlap_degree, plan.adaptive_r = d, r
         dispatched_RM = encode(x_SM, plan, self.is_postscore)
@@ -272,6 +280,30 @@ class MoELayer(nn.Module):
         if self.result_func is not None:
             y = self.result_func(y)
         return y
+
+    def _uses_cost_model(self) -> bool:
+        """Kernel and layout both "auto" on one rank with built-in experts: kernel_choice.py decides."""
+        return (self.expert_kernel == "auto" and self.expert_layout == "auto" and self.world_size == 1
+                and self.sharded_count == 1 and hasattr(self.experts, "synthetic_weights"))
+
+    def _cost_model_layout(self, x_SM: torch.Tensor, rows_per_expert: float):
+        """build_plan's layout_for: each step, the candidate the measured cost model predicts cheapest
+        for its fills (the model is measured or read from the machine's cache on first use)."""
+        key = (x_SM.device, x_SM.dtype, kernel_choice.calibration_rows(rows_per_expert), torch.get_num_threads())
+        if key != self._cost_model_key:  # looked up once per setting, not per step
+            self.kernel_cost_model = kernel_choice.model_for(self.experts, x_SM.device, x_SM.dtype, rows_per_expert)
+            self._cost_model_key = key
+        model = self.kernel_cost_model
+
+        def layout_for(fills: list[int]):
+            self._kernel, layout = model.choose(fills)
+            name = f"{self._kernel}/{layout}"
+            self.kernel_choices[name] = self.kernel_choices.get(name, 0) + 1
+            if layout == "max_fill":
+                return True, lambda f: grouped_splits(f, len(f))
+            return False, None
+
+        return layout_for
 
     @property
     def compact_dispatch(self) -> bool:

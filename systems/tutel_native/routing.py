@@ -130,12 +130,15 @@ def build_plan(
     group_max=int,
     padded: bool = False,
     splits_for=None,
+    layout_for=None,
 ) -> RoutePlan:
     """All slot indices for one step. ``group_max`` turns a local int into the group's max.
 
     A padded buffer has C rows per expert (``splits_for`` None, Tutel's layout) or
     ``splits_for(fills)`` rows per expert (each at least its fill), e.g. groups of experts
-    padded to their largest fill (:func:`grouped_splits`). A compact buffer has exactly the fills."""
+    padded to their largest fill (:func:`grouped_splits`). A compact buffer has exactly the fills.
+    ``layout_for(fills) -> (padded, splits_for)``, when given, decides both from this step's fills
+    (the cost model's choice at world size 1)."""
     S, K = idx_SK.shape
     order, token_seq, expert_sorted, counts_E, loc_sorted = sorted_choices(idx_SK, num_experts, priority_S)
     spe = math.ceil(num_tokens_for_capacity / num_experts)
@@ -156,6 +159,8 @@ def build_plan(
         expert_N, loc_N = expert_sorted[live], loc_sorted[live]
     fill_E = torch.clamp(counts_E, max=C)
     fills = fill_E.tolist()
+    if layout_for is not None:
+        padded, splits_for = layout_for(fills)
     if not padded:
         splits = fills
     else:
