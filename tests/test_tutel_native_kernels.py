@@ -122,7 +122,7 @@ def test_auto_layout_and_kernel_of_the_layer(dtype, tmp_path, monkeypatch):
     (name,) = layer.kernel_choices
     assert name == "/".join(model.choose(fills)) and layer._kernel == name.split("/")[0]
     assert stats.rows_computed == kernel_choice.rows(name, fills)
-    want = {"mm/live", "mm/max_fill"} | ({"onednn/live"} if ONEDNN else set()) | ({"grouped/live"} if GROUPED else set())
+    want = {"mm/live", "mm/max_fill"} | {f"{k}/live" for k, runs in AVAILABLE.items() if runs}
     assert set(model.costs) == (want if dtype == torch.float32 else {"mm/live", "mm/max_fill"})
     assert model.source == "measured" and len(list(tmp_path.glob("*.json"))) == 1
 
