@@ -226,6 +226,7 @@ def build_layer_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict
     weights = weights.to(device=device)
     layer = build_moe_layer(system, shape, knobs, parallel)
     layer.load_canonical(weights)
+    layer.prepare(T)
     check = _layer_check(spec, layer, weights, pool[0].to(device), _expected_checksum(spec))
     layer.zero_grad(set_to_none=True)
 
@@ -378,6 +379,8 @@ def build_model_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict
     workload, knobs, parallel = spec.workload, spec.knobs, spec.parallel
     rank = global_rank()
     model = build_model(workload, system, knobs, parallel, seed=knobs.seed)
+    for layer in model.moe_layers:
+        layer.prepare(workload.tokens_per_step)
     expected = _expected_checksum(spec)
     checks = []
     # Every MoE layer, at layer level on the weights build_model loaded into it (moe_block_weights),

@@ -187,6 +187,12 @@ class MoELayerAdapter(nn.Module, ABC):
         A layer that returns l_aux=None need not say anything: the check notes that it returns none."""
         return AUX_LOSS_UNSTATED
 
+    def prepare(self, num_tokens: int) -> None:
+        """Called once by the harness after the weights are loaded and before the first step it checks,
+        counts or times, with the tokens per step this layer will get: where a system measures or tunes
+        what it needs (tutel_native's kernel cost model), so that no measured step pays for it.
+        Default: nothing."""
+
     def before_optimizer_step(self) -> None:
         """The work a training step does on this layer outside its module, just before the optimizer
         step (the harness calls it in train mode, inside the timed step): e.g. the aux-loss-free bias

@@ -69,6 +69,9 @@ class SharedExpertLayer(MoELayerAdapter):
     def aux_loss_mismatch(self) -> str:
         return self.routed.aux_loss_mismatch()
 
+    def prepare(self, num_tokens: int) -> None:
+        self.routed.prepare(num_tokens)
+
     def before_optimizer_step(self) -> None:
         self.routed.before_optimizer_step()
 

@@ -133,7 +133,8 @@ def test_tune_option_tunes_in_the_first_forward_and_reports_it():
     plain, _ = _tuned_layer({})
     y = layer(x.clone().requires_grad_()).y_TM
     report = layer.tuning_report()
-    assert plain.tuning_report() is None
+    plain(x)
+    assert "tuner" not in plain.tuning_report()  # only the kernel cost model's report
     # world size 1: the only valid setting is r = 1, d = 1; it is timed and chosen
     assert report["chosen"] == {"adaptive_r": 1, "a2a_ffn_overlap_degree": 1}
     assert [len(c["seconds"]) for c in report["candidates"]] == [2] and report["candidates"][0]["chosen"]
@@ -141,7 +142,7 @@ def test_tune_option_tunes_in_the_first_forward_and_reports_it():
     assert all(p.grad is None for p in layer.parameters())  # tuning accumulated no gradients
     torch.testing.assert_close(y, plain(x).y_TM)  # and changed nothing the step computes
     layer(x)
-    assert layer.tuning_report() is report  # tuned once, not per forward
+    assert layer.tuning_report()["candidates"] == report["candidates"]  # tuned once, not per forward
 
 
 def test_tune_option_values_are_checked():

@@ -131,6 +131,10 @@ class TutelNativeLayer(MoELayerAdapter):
         gate = self.knobs.options.get("gate", "top")
         return "" if gate == "top" else f"gate {gate!r} has its own loss"
 
+    def prepare(self, num_tokens: int) -> None:
+        """The expert kernel cost model (kernel_choice.py): read from the machine's cache, or measured."""
+        self.layer.prepare_kernel_choice(num_tokens, self.knobs.device, self.knobs.torch_dtype)
+
     def forward(self, x_TM: torch.Tensor, **kwargs) -> MoEOutput:
         """``kwargs`` pass through to the layer (capacity_factor, top_k, ... at run time)."""
         if self.tune and self._tuning is None:

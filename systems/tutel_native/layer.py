@@ -263,7 +263,7 @@ class MoELayer(nn.Module):
             group_max=self._group_max,
             padded=self._needs_padded(),
             splits_for=self._splits_for() if self.world_size == 1 else None,
-            layout_for=self._cost_model_layout(x_SM, S * k / E) if self._uses_cost_model() else None,
+            layout_for=self._cost_model_layout(x_SM, k) if self._uses_cost_model() else None,
         )
         plan.overlap_degree, plan.adaptive_r = d, r
         dispatched_RM = encode(x_SM, plan, self.is_postscore)
@@ -286,13 +286,23 @@ class MoELayer(nn.Module):
         return (self.expert_kernel == "auto" and self.expert_layout == "auto" and self.world_size == 1
                 and self.sharded_count == 1 and hasattr(self.experts, "synthetic_weights"))
 
-    def _cost_model_layout(self, x_SM: torch.Tensor, rows_per_expert: float):
-        """build_plan's layout_for: each step, the candidate the measured cost model predicts cheapest
-        for its fills (the model is measured or read from the machine's cache on first use)."""
-        key = (x_SM.device, x_SM.dtype, kernel_choice.calibration_rows(rows_per_expert), torch.get_num_threads())
+    def prepare_kernel_choice(self, num_tokens: int, device, dtype, top_k: int | None = None) -> None:
+        """Look up (or measure, once per machine) the kernel cost model for steps of ``num_tokens``
+        tokens, so that no step pays for it: call before the first step that is checked, counted or
+        timed. A no-op when the cost model is not in use; otherwise the first step would do it."""
+        if not self._uses_cost_model():
+            return
+        k = min(top_k if top_k is not None else self.gates[0].cfg.k, self.num_global_experts)
+        rows_per_expert = num_tokens * k / self.num_global_experts
+        key = (torch.device(device), dtype, kernel_choice.calibration_rows(rows_per_expert), torch.get_num_threads())
         if key != self._cost_model_key:  # looked up once per setting, not per step
-            self.kernel_cost_model = kernel_choice.model_for(self.experts, x_SM.device, x_SM.dtype, rows_per_expert)
+            self.kernel_cost_model = kernel_choice.model_for(self.experts, key[0], dtype, rows_per_expert)
             self._cost_model_key = key
+
+    def _cost_model_layout(self, x_SM: torch.Tensor, top_k: int):
+        """build_plan's layout_for: each step, the candidate the measured cost model predicts cheapest
+        for its fills."""
+        self.prepare_kernel_choice(x_SM.shape[0], x_SM.device, x_SM.dtype, top_k)
         model = self.kernel_cost_model
 
         def layout_for(fills: list[int]):
