@@ -16,8 +16,9 @@ transformers' routing semantics (read off ``modeling_mixtral.py`` and
   gate becomes 1), Qwen3-MoE only when ``norm_topk_prob``. No sigmoid, bias,
   group limits or routed scale, so DeepSeek-V3's declared router is refused
   with that reason (its softmax variant runs);
-* no capacity: every choice is computed (dropless whatever the workload's
-  capacity factor; the check runs the reference dropless and says so);
+* no capacity: every choice is computed, so the adapter runs dropless trials
+  only (a capacity-limited trial would time other work than the other
+  systems; it is skipped with that reason);
 * experts: SwiGLU without biases, stored as ``gate_up_proj [E, 2H, M]``
   (w1 rows, then w3 rows) and ``down_proj [E, M, H]`` (w2 transposed);
 * aux loss: computed outside the block by the causal-LM wrapper
@@ -175,6 +176,10 @@ class HFTransformers(MoESystem):
         common = super().check_support(shape, knobs, parallel)
         if not common.ok:
             return common
+        if knobs.capacity_factor is not None:  # identical work or no comparison
+            return Availability.no(f"transformers' blocks have no capacity (every choice is "
+                                   f"computed), so a capacity factor {knobs.capacity_factor:g} trial would time "
+                                   "other work than the rest: run it with --capacity-factor dropless")
         experts = knobs.options.get("experts", "grouped_mm")
         if experts not in EXPERT_IMPLEMENTATIONS:
             return Availability.no(f"hf_transformers experts must be one of {', '.join(EXPERT_IMPLEMENTATIONS)}, "

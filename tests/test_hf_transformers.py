@@ -113,3 +113,5 @@ def test_unsupported_trials_give_their_reason():
     assert "for top-1 too" in _support(top1, block="mixtral").reason
     assert "ep must be 1" in _support(mixtral, ep=2).reason
     assert "must be one of" in _support(mixtral, experts="batched").reason
+    capped = get_system("hf_transformers").check_support(mixtral, MoEKnobs(capacity_factor=1.2), ParallelSpec())
+    assert "--capacity-factor dropless" in capped.reason and "1.2" in capped.reason

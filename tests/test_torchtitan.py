@@ -89,3 +89,5 @@ def test_unsupported_trials_give_their_reason():
     one_per_group = resolve_workload("deepseek-v3", "debug", {**ALIGNED, "num_experts": 8, "n_groups": 8,
                                                               "topk_groups": 8}).layer
     assert "2 experts per group" in system.check_support(one_per_group, _knobs(), ParallelSpec()).reason
+    capped = MoEKnobs(capacity_factor=1.25, dtype="bfloat16")
+    assert "--capacity-factor dropless" in system.check_support(mixtral, capped, ParallelSpec()).reason
