@@ -1,30 +1,24 @@
-"""tutel_native against its own Tutel-algorithm path, its other kernel, and the peers, shape by shape.
+"""tutel_native against its own Tutel-algorithm path and the peers, shape by shape.
 
-One `moebench run` per shape (layer level, forward+backward, fp32, the shape's capacity factor), each
-an interleaved run of:
-  tutel_native                     its defaults (kernel "auto", layout "auto")
-  tutel_native[expert_kernel=mm]   the other kernel (torch mm/bmm on row ranges; grouped layout)
+One `moebench run` per shape (layer level, forward+backward, fp32), each an interleaved run of:
+  tutel_native                     its defaults: kernel and layout "auto", i.e. the measured cost
+                                   model of systems/tutel_native/kernel_choice.py picks them per step
   tutel_native[capacity, mm]       Tutel's own algorithm: the padded [E, C, M] buffer, one batched
                                    GEMM per projection
-  deepspeed_moe, megatron_core     the peers that run here (torch_reference is the check's loop)
+  deepspeed_moe, megatron_core     the classic peers
+  hf_transformers                  transformers' Mixtral / Qwen3-MoE block (grouped_mm experts); it has no
+                                   capacity, so it runs on the dropless shapes only
 Each entry is compared to tutel_native's defaults by paired per-round ratios (harness/stats.py):
 "x/tutel" = x's time / tutel_native's, so above 1 means tutel_native is faster, with a 95% bootstrap
 interval over rounds. A speedup is claimed only where the interval's lower end is above 1.
 
 Shapes: "tiny" (M 32, H 128, E 8, top-2, 64 tokens: the gpt2-xl-moe debug layer), the three classic
-proxies, and three fine-grained stand-ins built from the mixtral-8x7b proxy (M 512, 1024 tokens) by
-the proxy rule (keep E, top-k and the expert-hidden/model ratio of the published config):
-  qwen3-like     E 128, top-8, H 192  (Qwen3-30B-A3B config.json: hidden_size 2048, moe_intermediate_size
-                                       768, num_experts 128, num_experts_per_tok 8)
-  olmoe-like     E 64,  top-8, H 256  (allenai/OLMoE-1B-7B-0924 config.json: hidden_size 2048,
-                                       intermediate_size 1024, num_experts 64, num_experts_per_tok 8)
-  deepseek-like  E 256, top-8, H 144  (DeepSeek-V3 inference/configs/config_671B.json: dim 7168,
-                                       moe_inter_dim 2048, n_routed_experts 256, n_activated_experts 8;
-                                       7168:2048 at M 512 is 146, rounded to 144 for 16-byte strides)
-They use the common softmax top-k router and no shared expert, so they measure the expert path's
-shape only, not those models' own routers (the workload presets of issue 11 are still to come).
+proxies at their capacity factor 1.2, and the three fine-grained proxies (qwen3-30b-a3b, olmoe-1b-7b,
+deepseek-v3: workloads/presets.py, dropless as the models are) under the common softmax router
+(`--router softmax`), so every system runs identical work; deepseek-v3's proxy keeps its shared
+expert, which the harness adds identically for every system here.
 
-Run (nothing else on the machine): .venv/bin/python benchmarks/shape_sweep.py [--rounds 4]
+Run (nothing else on the machine): .venv/bin/python benchmarks/shape_sweep.py [--rounds 5]
 Writes reports/shape_sweep.md and .json; the raw results files go to results/shape_sweep/.
 """
 from __future__ import annotations
@@ -45,25 +39,27 @@ from harness.files import write_json_atomic, write_text_atomic  # noqa: E402
 from harness.identity import system_label  # noqa: E402
 from harness.tables import markdown_table  # noqa: E402
 
-FINE = ["--workload", "mixtral-8x7b", "--flavor", "proxy", "--top-k", "8"]
+SOFTMAX = ["--flavor", "proxy", "--router", "softmax"]
 SHAPES = {
     "tiny": ["--workload", "gpt2-xl-moe", "--flavor", "debug"],
     "gpt2-xl-moe": ["--workload", "gpt2-xl-moe", "--flavor", "proxy"],
     "mixtral-8x7b": ["--workload", "mixtral-8x7b", "--flavor", "proxy"],
     "mixtral-8x22b": ["--workload", "mixtral-8x22b", "--flavor", "proxy"],
-    "qwen3-like": [*FINE, "--experts", "128", "--ffn-dim", "192"],
-    "olmoe-like": [*FINE, "--experts", "64", "--ffn-dim", "256"],
-    "deepseek-like": [*FINE, "--experts", "256", "--ffn-dim", "144"],
+    "qwen3-30b-a3b": ["--workload", "qwen3-30b-a3b", *SOFTMAX],
+    "olmoe-1b-7b": ["--workload", "olmoe-1b-7b", *SOFTMAX],
+    "deepseek-v3": ["--workload", "deepseek-v3", *SOFTMAX],
 }
-PEERS = ("deepspeed_moe", "megatron_core")
-VARIANTS = ("tutel_native:expert_kernel=mm", "tutel_native:expert_layout=capacity,expert_kernel=mm")
+DROPLESS = ("qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v3")
+PEERS = ("deepspeed_moe", "megatron_core", "hf_transformers")
+VARIANTS = ("tutel_native:expert_layout=capacity,expert_kernel=mm",)
 BASE = "tutel_native"
 
 
 def run_shape(name: str, rounds: int, out: Path) -> Path:
     """One interleaved run of every entry on this shape; its results file."""
     before = set(out.glob("*.json"))
-    argv = [sys.executable, "-m", "harness", "run", *SHAPES[name], "--systems", ",".join((BASE, *PEERS)),
+    peers = [p for p in PEERS if p != "hf_transformers" or name in DROPLESS]
+    argv = [sys.executable, "-m", "harness", "run", *SHAPES[name], "--systems", ",".join((BASE, *peers)),
             *[a for v in VARIANTS for a in ("--variant", v)], "--repeats", str(rounds), "--out", str(out)]
     subprocess.run(argv, cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     (path,) = set(out.glob("*.json")) - before
@@ -78,6 +74,7 @@ def compare(doc: dict) -> dict:
     row = {"shape": {k: layer[k] for k in ("model_dim", "ffn_dim", "num_experts", "top_k", "activation")},
            "tokens": base["workload_spec"]["batch_size"] * base["workload_spec"]["seq_len"],
            "run_id": doc["run_id"], "entries": {}}
+    row["kernel_choice"] = kernel_choices(base)
     for label, trial in trials.items():
         entry = {"status": trial["status"], "median_ms": trial["summary"]["median"] * 1e3 if trial["summary"] else None,
                  "check": None if trial["check"] is None else trial["check"]["passed"]}
@@ -89,6 +86,16 @@ def compare(doc: dict) -> dict:
     return row
 
 
+def kernel_choices(trial: dict) -> dict[str, int]:
+    """Steps each kernel/layout ran in tutel_native's rounds (its cost model's choices)."""
+    steps: dict[str, int] = {}
+    for rnd in trial.get("rounds") or []:
+        for report in rnd.get("tuning") or []:
+            for name, n in ((report or {}).get("kernel_choice") or {}).get("steps", {}).items():
+                steps[name] = steps.get(name, 0) + n
+    return steps
+
+
 def cell(entry: dict | None) -> str:
     if not entry or entry.get("over_tutel") is None:
         return "-" if not entry else entry["status"]
@@ -98,40 +105,44 @@ def cell(entry: dict | None) -> str:
 
 
 def report(rows: dict[str, dict], rounds: int, command: str) -> str:
-    labels = [f"{BASE}[expert_kernel=mm]", f"{BASE}[expert_kernel=mm,expert_layout=capacity]", *PEERS]
-    header = ["shape", "E", "k", "M", "H", "tokens", "tutel_native ms", "mm kernel / tutel",
-              "Tutel algorithm / tutel", *[f"{p} / tutel" for p in PEERS]]
+    labels = [f"{BASE}[expert_kernel=mm,expert_layout=capacity]", *PEERS]
+    header = ["shape", "E", "k", "M", "H", "tokens", "tutel_native ms", "its choice", "Tutel algorithm / tutel",
+              *[f"{p} / tutel" for p in PEERS]]
     body = []
     for name, row in rows.items():
         s = row["shape"]
         base = row["entries"][BASE]
+        choice = ", ".join(sorted(row.get("kernel_choice", {}), key=lambda n: -row["kernel_choice"][n])) or "-"
         body.append([name, s["num_experts"], s["top_k"], s["model_dim"], s["ffn_dim"], row["tokens"],
-                     "-" if base["median_ms"] is None else f"{base['median_ms']:.1f}",
+                     "-" if base["median_ms"] is None else f"{base['median_ms']:.1f}", choice,
                      *[cell(row["entries"].get(label)) for label in labels]])
     return "\n".join([
-        "# tutel_native across shapes: against its own Tutel-algorithm path, its other kernel, and the peers",
+        "# tutel_native across shapes: against its own Tutel-algorithm path and the peers",
         "",
         f"Command: `{command}` ({rounds} interleaved rounds per shape; layer level, forward+backward, fp32, "
-        "capacity factor 1.2, 5 timed steps per round after 2 warm-up steps, 2 threads).",
+        "5 timed steps per round after 2 warm-up steps, 2 threads; the classic shapes at capacity factor "
+        "1.2, the fine-grained ones dropless under the common softmax router).",
         "",
         "Each cell is that entry's time over tutel_native's defaults (above 1: tutel_native is faster): "
         "the geometric mean of paired per-round ratios, with a 95% bootstrap interval over rounds. Bold: "
         "the interval excludes 1. Every entry passed the equivalence check against torch_reference "
-        "unless its cell says otherwise.",
+        "unless its cell says otherwise; '-' means the system does not run that shape (transformers' "
+        "blocks have no capacity, so they run the dropless shapes only). 'its choice' is the "
+        "kernel/layout tutel_native's cost model ran (systems/tutel_native/kernel_choice.py; "
+        "docs/expert-kernels.md), most steps first.",
         "",
         markdown_table(header, body),
         "",
-        "Shapes: tiny is the gpt2-xl-moe debug layer; the fine-grained rows are stand-ins built from the "
-        "mixtral-8x7b proxy (M 512, 1024 tokens) with the published configs' expert count, top-k and "
-        "expert-hidden/model ratio, under the common softmax router and without a shared expert "
-        "(benchmarks/shape_sweep.py says which configs).",
+        "Shapes: tiny is the gpt2-xl-moe debug layer; the others are the workloads' proxy flavours "
+        "(workloads/presets.py). deepseek-v3's proxy has a shared expert, added by the harness "
+        "identically for every system.",
         "",
     ])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, from: " + ", ".join(SHAPES))
     parser.add_argument("--out", default=str(ROOT / "reports" / "shape_sweep"), help="report path without suffix")
     args = parser.parse_args(argv)
@@ -144,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, started = {}, time.monotonic()
     for name in names:
         rows[name] = compare(json.loads(run_shape(name, args.rounds, raw).read_text()))
-    command = "python benchmarks/shape_sweep.py" + (f" --rounds {args.rounds}" if args.rounds != 4 else "")
+    command = "python benchmarks/shape_sweep.py" + (f" --rounds {args.rounds}" if args.rounds != 5 else "")
     text = report(rows, args.rounds, command)
     out = Path(args.out)
     write_text_atomic(text, out.with_suffix(".md"))

@@ -156,3 +156,16 @@ def test_cost_model_is_measured_once_then_read_back(tmp_path, monkeypatch):
     assert first.key["rows_per_expert"] == [16, 32] and first.key["num_experts"] == E
     assert all(len(points) == 2 and all(t > 0 for _, t in points) for points in first.points.values())
     assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_a_broken_cache_file_is_measured_around_and_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernel_choice, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(kernel_choice, "_MODELS", {})
+    experts = experts_for(EXPERTS["ffn gelu + biases"])
+    first = kernel_choice.model_for(experts, torch.device("cpu"), torch.float64, rows_per_expert=8.0)
+    (path,) = tmp_path.glob("*.json")
+    path.write_text("{ truncated")
+    monkeypatch.setattr(kernel_choice, "_MODELS", {})
+    again = kernel_choice.model_for(experts, torch.device("cpu"), torch.float64, rows_per_expert=8.0)
+    assert first.source == "measured" and "cache file unusable" in again.source and str(path) in again.source
+    assert set(again.costs) == {"mm/live", "mm/max_fill"}  # fp64: grouped_mm and oneDNN do not run

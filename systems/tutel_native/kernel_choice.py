@@ -112,12 +112,18 @@ def model_for(experts, device: torch.device, dtype: torch.dtype, rows_per_expert
     if digest in _MODELS:
         return _MODELS[digest]
     path = CACHE_DIR / f"{digest}.json"
-    source = "cache"
-    if not path.exists():
-        measured = measure(experts, device, dtype, key)
-        text = create_once(json.dumps({"version": CACHE_VERSION, **measured}, indent=1) + "\n", path)
-        source = "measured" if json.loads(text) == {"version": CACHE_VERSION, **measured} else "cache"
-    stored = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        stored, source = json.loads(path.read_text(encoding="utf-8")), "cache"
+    except FileNotFoundError:  # the first process here: measure, and keep whichever writer came first
+        measured = {"version": CACHE_VERSION, **measure(experts, device, dtype, key)}
+        try:
+            stored = json.loads(create_once(json.dumps(measured, indent=1) + "\n", path))
+            source = "measured" if stored == measured else "cache"
+        except (OSError, ValueError) as exc:  # a read-only home, or a broken file: uncached constants
+            stored, source = measured, f"measured, not cached ({exc})"
+    except (OSError, ValueError) as exc:
+        stored = {"version": CACHE_VERSION, **measure(experts, device, dtype, key)}
+        source = f"measured, cache file unusable ({exc}); delete {path} to measure again"
     model = KernelCostModel({n: Cost(**c) for n, c in stored["costs"].items()}, stored["points"], stored["key"],
                             source, str(path))
     _MODELS[digest] = model
