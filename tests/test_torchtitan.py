@@ -91,3 +91,23 @@ def test_unsupported_trials_give_their_reason():
     assert "2 experts per group" in system.check_support(one_per_group, _knobs(), ParallelSpec()).reason
     capped = MoEKnobs(capacity_factor=1.25, dtype="bfloat16")
     assert "--capacity-factor dropless" in system.check_support(mixtral, capped, ParallelSpec()).reason
+
+
+@pytest.mark.parametrize("system", ["torchtitan", "torch_reference"])
+def test_model_level_train_step_runs_the_bias_update(system):
+    """At model level the harness calls before_optimizer_step in every train step: torchtitan's hook
+    and the reference's rule move each MoE block's bias away from the loaded one."""
+    from harness import trial
+    from harness.model import moe_block_weights
+    from harness.trial_spec import TrialSpec
+
+    workload = resolve_workload("deepseek-v3", "debug", ALIGNED)
+    spec = TrialSpec(system, workload, "model", "train", "learned", _knobs(), ParallelSpec(threads_per_rank=1),
+                     warmup=0, steps=1, check=False)
+    bench, _ = trial.build_model_bench(spec, get_system(system), "cpu")
+    bench.step(0)
+    for layer, block in zip(bench.layers, workload.model.moe_block_indices(), strict=True):
+        loaded_E = moe_block_weights(workload.layer, 0, block, torch.bfloat16).score_bias_E.float()
+        bias_E = layer.moe.expert_bias_E if system == "torchtitan" else layer.routed.score_bias_E
+        moved_E = bias_E.float() - loaded_E
+        assert 0 < float(moved_E.abs().max()) <= 2 * BIAS_UPDATE_RATE
