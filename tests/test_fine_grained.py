@@ -177,6 +177,15 @@ def test_tutel_native_on_the_softmax_fine_grained_debug_shapes(name):
     assert check.passed, check.note
 
 
+def test_tutel_native_runs_olmoes_declared_router_without_renormalisation():
+    """Tutel's normalize_gate=False is OLMoE's router: top-8 softmax values used as they are."""
+    shape = get_workload("olmoe-1b-7b", "debug").layer
+    assert not shape.renormalize and not shape.has_common_router
+    layer, check = _check("tutel_native", shape)
+    assert check.passed, check.note
+    assert layer.layer.normalize_gate is False and check.rel_err["y"] < 1e-10
+
+
 def test_reference_tensors_are_the_reference_layer():
     layer = build_moe_layer(get_system("torch_reference"), get_workload("qwen3-30b-a3b", "debug").layer,
                             MoEKnobs(capacity_factor=None), ParallelSpec())

@@ -76,6 +76,7 @@ class TutelNativeLayer(MoELayerAdapter):
             experts,
             group=group,
             a2a_ffn_overlap_degree=int(opts.get("overlap_degree", 1)),
+            normalize_gate=shape.renormalize,
             is_postscore=bool(opts.get("is_postscore", True)),
             batch_prioritized_routing=bool(opts.get("bpr", False)),
             parallel_type=f"adaptive:{int(opts.get('adaptive_r', 1))}",
@@ -209,6 +210,13 @@ class TutelNative(MoESystem):
     description = "native Tutel-style adaptive MoE: sparse dispatch, live-row experts, adaptive r/d/capacity"
     options = OPTIONS
     shards_experts = True  # ep > E: Tutel's negative num_experts_per_device
+
+    def router_support(self, shape: LayerShape) -> str:
+        """Tutel's router: softmax top-k, renormalised or not (its normalize_gate); no bias, groups or scale."""
+        if shape.score != "softmax" or shape.score_bias or shape.n_groups > 1 or shape.route_scale != 1.0:
+            return (f"tutel_native routes by softmax top-k (renormalised or not) only; this workload's router is "
+                    f"{shape.router_label()} (run it with router=softmax for the common softmax variant)")
+        return ""
 
     def check_support(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec) -> Availability:
         common = super().check_support(shape, knobs, parallel)
