@@ -40,10 +40,12 @@ class CheckCase:
     capacity_factor: float | None
     dtype: str
     expert_bias: bool = False
+    shared_ffn_dim: int = 0  # a dense shared expert of this width (the harness's, unless the system has one)
 
     @property
     def shape(self) -> LayerShape:
-        return LayerShape(MODEL_DIM, FFN_DIM, NUM_EXPERTS, self.top_k, self.activation, self.expert_bias)
+        return LayerShape(MODEL_DIM, FFN_DIM, NUM_EXPERTS, self.top_k, self.activation, self.expert_bias,
+                          shared_ffn_dim=self.shared_ffn_dim)
 
 
 def default_cases() -> list[CheckCase]:
@@ -80,6 +82,7 @@ def run_cases(system_name: str, cases: list[CheckCase], options: dict | None = N
     from core.values import CanonicalWeights, MoEKnobs, ParallelSpec
     from harness.equivalence import check_against_reference
     from systems import get_system
+    from systems.shared_expert import build_moe_layer
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     system = get_system(system_name)
@@ -97,8 +100,9 @@ def run_cases(system_name: str, cases: list[CheckCase], options: dict | None = N
         weights = CanonicalWeights.random(case.shape, seed=11, dtype=torch.float64)
         gen = torch.Generator().manual_seed(5)
         x_TM = torch.randn(NUM_TOKENS, MODEL_DIM, generator=gen, dtype=torch.float64).to(knobs.torch_dtype)
-        layer = system.build_layer(case.shape, knobs, parallel)
+        layer = build_moe_layer(system, case.shape, knobs, parallel)
         layer.load_canonical(weights)
+        layer.prepare(NUM_TOKENS)
         check = check_against_reference(layer, case.shape, knobs, parallel, weights, x_TM)
         results.append(CaseResult(system_name, case.name, "pass" if check.passed else "FAIL", check.max_rel_err_y,
                                   check.max_rel_err_dx, check.tolerance, check.note,

@@ -26,6 +26,8 @@ TOP1_CF = CheckCase("top1-gelu-cf1-fp32", 1, "gelu", 1.0, "float32")
 TOP2_CF_FP64 = CheckCase("top2-swiglu-cf1-fp64", 2, "swiglu", 1.0, "float64")
 TOP2_DROPLESS_BIAS = CheckCase("top2-gelu-bias-dropless-fp32", 2, "gelu", None, "float32", expert_bias=True)
 TOP2_CF_HALF = CheckCase("top2-swiglu-cf0.5-fp32", 2, "swiglu", 0.5, "float32")
+# the harness's shared expert around a peer that keeps process-group state (checked in its own process)
+SHARED = CheckCase("top2-swiglu-shared-dropless-fp32", 2, "swiglu", None, "float32", shared_ffn_dim=24)
 
 
 def _assert_all_pass(results):
@@ -35,9 +37,11 @@ def _assert_all_pass(results):
 
 @pytest.mark.slow
 def test_deepspeed_matches_reference_with_its_capacity_rule():
-    results = run_system_in_subprocess("deepspeed_moe", [TOP1_CF, TOP2_CF_FP64, TOP2_DROPLESS_BIAS, TOP2_CF_HALF])
+    results = run_system_in_subprocess("deepspeed_moe", [TOP1_CF, TOP2_CF_FP64, TOP2_DROPLESS_BIAS, TOP2_CF_HALF,
+                                                         SHARED])
     _assert_all_pass(results)
     by_case = {r.case: r for r in results}
+    assert {"grad_shared_w1_SM", "grad_shared_w2_SM", "grad_shared_w3_SM"} <= set(by_case[SHARED.name].rel_err)
     # 64 tokens, 4 experts: DeepSpeed's C = max(ceil(T/E*cf*k), 4)
     assert by_case[TOP1_CF.name].routing["capacity"] == deepspeed_capacity(64, 4, 1, 1.0) == 16
     assert by_case[TOP2_CF_HALF.name].routing["capacity"] == deepspeed_capacity(64, 4, 2, 0.5) == 16
@@ -56,9 +60,12 @@ def test_deepspeed_matches_reference_with_its_capacity_rule():
 def test_megatron_matches_reference(dispatcher):
     cases = [TOP1_CF, TOP2_CF_HALF] if dispatcher == "allgather" else [TOP1_CF, TOP2_CF_FP64, TOP2_CF_HALF,
                                                                         CheckCase("top2-dropless", 2, "swiglu",
-                                                                                  None, "float32")]
+                                                                                  None, "float32"), SHARED]
     results = run_system_in_subprocess("megatron_core", cases, options={"dispatcher": dispatcher})
     _assert_all_pass(results)
+    if dispatcher == "alltoall":
+        (shared,) = [r for r in results if r.case == SHARED.name]
+        assert {"grad_shared_w1_SM", "grad_shared_w2_SM", "grad_shared_w3_SM"} <= set(shared.rel_err)
     by_case = {r.case: r.routing for r in results}
     assert by_case[TOP2_CF_HALF.name]["capacity"] == megatron_capacity(64, 4, 2, 0.5) == 16
     assert by_case[TOP2_CF_HALF.name]["dropped"] > 0
