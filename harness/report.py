@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,7 @@ def _trial_row(doc: dict, trial: dict) -> dict:
         "q1_ms": summary["q1"] * to_ms if summary else None,
         "q3_ms": summary["q3"] * to_ms if summary else None,
         "iqr_ms": summary["iqr"] * to_ms if summary else None,
+        "exposed_ms": statistics.median(trial["exposed_comm_s"]) * to_ms if trial.get("exposed_comm_s") else None,
         "outliers": (summary["outliers_low"] + summary["outliers_high"]) if summary else None,
         "check_passed": None if check is None else bool(check["passed"]),
         "calibration_ms": _median_calibration_ms(trial.get("rounds") or []),
@@ -277,6 +279,9 @@ def iteration_cell(record: dict | None) -> str:
     if record["status"] != "ok":
         return record["status"]
     cell = f"{format_ms(record['median_ms'])} ± {format_ms(record['iqr_ms'], like=record['median_ms'])}"
+    exposed = record.get("exposed_ms")
+    if exposed is not None and exposed == exposed:  # NaN: the frame's missing value
+        cell += f" (comm {format_ms(exposed, like=record['median_ms'])})"
     return cell + (f" {CHECK_FAILED_MARK}" if record["check_passed"] is False else "")
 
 
@@ -407,7 +412,10 @@ ITERATION_LEGEND = (
     "Cells: median step time in ms ± the interquartile range (q3 − q1, in ms; not a standard deviation), over all "
     "timed steps pooled across rounds; a step's time is its slowest rank's. A status word (skipped, error, timeout, "
     f"oom, nonfinite) means the trial produced no time (see the CSV's message column); {MISSING} means not run; "
-    f"{CHECK_FAILED_MARK} marks a system whose output failed the equivalence check against the reference."
+    f"{CHECK_FAILED_MARK} marks a system whose output failed the equivalence check against the reference. "
+    "(comm X): on multi-rank CPU runs, the median exposed communication of a step in ms: the time the step's "
+    "thread spent blocked in torch.distributed collectives and their waits, i.e. communication no compute "
+    "overlapped (harness/exposed_comm.py), on the rank whose step was the slowest."
 )
 
 

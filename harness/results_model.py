@@ -74,6 +74,7 @@ def is_num(v) -> bool:
 
 # Dict keys are left unchecked (Any): JSON keys are strings anyway, and the harness never checked them.
 Sample = Annotated[float, Field(gt=0, allow_inf_nan=False, description="a time in seconds: finite and positive")]
+Duration = Annotated[float, Field(ge=0, allow_inf_nan=False, description="a duration in seconds: finite, >= 0")]
 
 
 class _Open(BaseModel):
@@ -136,6 +137,7 @@ class Round(_Open):
     calibration_before_s: float | None = Field(description="the calibration matmul's time before the round")
     calibration_after_s: float | None
     wall_s: float
+    exposed_comm_median_s: float | None = Field(None, description="median of the round's exposed communication")
 
 
 class Summary(_Open):
@@ -199,6 +201,10 @@ class Trial(_Open):
     samples_s: list[Sample] = Field(description="every timed step of the successful rounds, seconds (pooled to "
                                                 "describe the trial; comparisons pair the rounds' medians)")
     per_rank_samples_s: list[list[Sample]] | None
+    exposed_comm_s: list[Duration] | None = Field(
+        None, description="per timed step, beside samples_s: seconds the step's thread spent blocked in "
+                          "torch.distributed collectives and their waits (communication no compute overlapped); "
+                          "null for one rank or on a GPU")
     rounds: list[Round]
     summary: Summary | None
     throughput: dict[Any, float | None] | None

@@ -154,6 +154,7 @@ def _round_entry(number: int, result: dict) -> dict:
             "calibration_after_s": result.get("calibration_after_s"), "wall_s": result["wall_s"],
             "load_before": result.get("load_before"), "load_after": result.get("load_after"),
             "threads_measured": result.get("threads_measured"), "tuning": result.get("tuning"),
+            "exposed_comm_median_s": _median(result.get("exposed_comm_s") or []),
             "teardown_error": result.get("teardown_error")}
 
 
@@ -212,6 +213,10 @@ def trial_record(spec: TrialSpec, rounds: list[dict]) -> dict:
         "setup": trial_setup(spec),
         "status": status, "message": message,
         "samples_s": samples, "per_rank_samples_s": per_rank,
+        # per timed step, beside samples_s: time the step's thread spent blocked in collectives
+        # (harness/exposed_comm.py); None for one rank or on a GPU
+        "exposed_comm_s": ([s for r in ok for s in r["exposed_comm_s"]]
+                           if ok and all(r.get("exposed_comm_s") for r in ok) else None),
         "rounds": [_round_entry(i + 1, r) for i, r in enumerate(rounds)],
         "summary": summary, "throughput": throughput,
         "flops": flops, "routing_stats": last.get("routing_stats"),
@@ -407,7 +412,7 @@ def format_table(trials: list[dict], baseline: str | None = None) -> str:
 
     baseline = baseline or default_baseline(trials)
     header = ("workload", "level/mode", "capacity", "parallel", "system", "status", "median ms", "IQR ms",
-              "speedup", "95% CI", "rounds", "check", "calib ms")
+              "exposed comm ms", "speedup", "95% CI", "rounds", "check", "calib ms")
     rows, notes = [], []
     groups: dict[str, list[dict]] = {}
     for t in trials:
@@ -437,12 +442,14 @@ def format_table(trials: list[dict], baseline: str | None = None) -> str:
             rows.append((workload_label(t), f"{t['level']}/{t['mode']}",
                          "dropless" if cf is None else f"cf {cf:g}", f"ws{par['world_size']}/ep{par['ep']}",
                          system_label(t), t["status"], _ms(summary["median"] if summary else None),
-                         _ms(summary["iqr"] if summary else None), speedup, interval, pairs, check,
+                         _ms(summary["iqr"] if summary else None), _ms(_median(t.get("exposed_comm_s") or [])),
+                         speedup, interval, pairs, check,
                          _ms(_median(cal))))
     lines = [text_table(header, rows)]
     lines.append(f"speedup = geometric mean over paired rounds of baseline/system round medians (baseline: "
                  f"{baseline}; >1 is faster); 95% CI = bootstrap over rounds ('too few rounds' below "
-                 "3 pairs); rounds = pairs used; calib = median calibration matmul before each round")
+                 "3 pairs); rounds = pairs used; calib = median calibration matmul before each round; exposed "
+                 "comm = median time a step's thread spent blocked in collectives (multi-rank CPU runs)")
     lines.extend(notes)
     for t in trials:
         if t["status"] not in ("ok",):

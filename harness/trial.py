@@ -40,6 +40,7 @@ Legend: T tokens, M model dim.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import statistics
@@ -444,11 +445,13 @@ def _median_phases(samples: list[dict]) -> dict | None:
     return {k: statistics.median(s[k] for s in samples if k in s) for k in samples[0]}
 
 
-def _timed_steps(spec: TrialSpec, bench: Bench, device: str) -> tuple[list[float], list[dict], list[dict]]:
-    """(seconds, phase times, routing stats) per timed step; step i runs on pool entry i mod spec.input_pool,
-    and its statistics are read after the timer stopped."""
+def _timed_steps(spec: TrialSpec, bench: Bench, device: str):
+    """(seconds, phase times, routing stats, exposed communication seconds) per timed step; step i runs
+    on pool entry i mod spec.input_pool, and its statistics are read after the timer stopped. Exposed
+    communication (harness/exposed_comm.py) is measured on multi-rank CPU runs only (None otherwise)."""
     from functools import partial
 
+    from harness.exposed_comm import exposed_communication
     from harness.timing import StepTimer
 
     timer = StepTimer(device)
@@ -456,17 +459,20 @@ def _timed_steps(spec: TrialSpec, bench: Bench, device: str) -> tuple[list[float
     for i in range(spec.warmup):
         _ensure_finite(bench.step(i))
         bench.after()
-    samples, phases, routings = [], [], []
+    samples, phases, routings, exposed = [], [], [], []
+    measure = distributed and spec.parallel.world_size > 1 and not device.startswith("cuda")
     for i in range(spec.steps):
         if distributed:
             dist.barrier()
-        result, seconds = timer.time(partial(bench.step, i))
+        with exposed_communication() if measure else contextlib.nullcontext() as comm:
+            result, seconds = timer.time(partial(bench.step, i))
         _ensure_finite(result)
         phases.append(bench.phase_times())
         routings.append(bench.routing())
         bench.after()
         samples.append(seconds)
-    return samples, phases, routings
+        exposed.append(min(comm.seconds, seconds) if measure else None)  # the clocks differ by a call's overhead
+    return samples, phases, routings, exposed
 
 
 def run_trial(spec: TrialSpec) -> dict:
@@ -476,7 +482,7 @@ def run_trial(spec: TrialSpec) -> dict:
     started = time.perf_counter()
     device = spec.knobs.device
     result: dict = {
-        "status": "ok", "message": "", "samples_s": [], "per_rank_samples_s": None,
+        "status": "ok", "message": "", "samples_s": [], "per_rank_samples_s": None, "exposed_comm_s": None,
         "calibration_before_s": None, "calibration_after_s": None, "routing_stats": None,
         "phase_times_s": None, "check": None, "peak_memory_bytes": None, "peak_memory_scope": None,
         "process_peak_memory_bytes": None, "flops": None,
@@ -512,19 +518,22 @@ def run_trial(spec: TrialSpec) -> dict:
         build = build_layer_bench if spec.level == "layer" else build_model_bench
         bench, check = build(spec, system, device)
         peak = StepsPeak(device, steps_scope(spec))
-        samples, phases, routings = _timed_steps(spec, bench, device)
+        samples, phases, routings, exposed = _timed_steps(spec, bench, device)
         memory = peak.bytes()
         calibration_after = calibration_seconds(device)
         routing = average_routing(routings)
         flops = bench.flops(routing)
 
-        mine = {"samples": samples, "cal": (calibration_before, calibration_after), "flops": flops,
+        mine = {"samples": samples, "exposed": exposed, "cal": (calibration_before, calibration_after), "flops": flops,
                 "memory": memory, "process_memory": max(peak.process_before, memory), "tokens": bench.tokens,
                 "check": check}
         everyone = _gather(mine)
         per_rank = [r["samples"] for r in everyone]
+        slowest = [max(range(len(step)), key=step.__getitem__) for step in zip(*per_rank, strict=True)]
         result.update(
             samples_s=[max(step) for step in zip(*per_rank, strict=True)],
+            # on the rank whose step was the slowest (the one samples_s reports)
+            exposed_comm_s=None if exposed[0] is None else [everyone[r]["exposed"][i] for i, r in enumerate(slowest)],
             per_rank_samples_s=per_rank if len(per_rank) > 1 else None,
             calibration_before_s=max(r["cal"][0] for r in everyone),
             calibration_after_s=max(r["cal"][1] for r in everyone),

@@ -20,6 +20,7 @@ REGISTRY: dict[str, str] = {
     "deepspeed_moe": "systems.deepspeed_moe:DeepSpeedMoE",
     "megatron_core": "systems.megatron_core:MegatronCore",
     "tutel": "systems.tutel:Tutel",
+    "fsmoe_native": "systems.fsmoe_native.adapter:FSMoENative",
     "hf_transformers": "systems.hf_transformers:HFTransformers",
     "torchtitan": "systems.torchtitan_moe:TorchTitan",
     "liger_kernel": "systems.gpu_only:LigerKernel",

@@ -45,6 +45,8 @@ OPTIONS = {
 
 
 class TutelNativeLayer(MoELayerAdapter):
+    layer_class = MoELayer  # a system built on tutel_native's layer swaps in its subclass
+
     def __init__(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec):
         super().__init__()
         shape.validate()
@@ -70,7 +72,7 @@ class TutelNativeLayer(MoELayerAdapter):
             }
         experts.update(num_experts_per_device=per_device, hidden_size_per_expert=shape.ffn_dim)
         cf = knobs.capacity_factor
-        self.layer = MoELayer(
+        self.layer = self.layer_class(
             {"type": opts.get("gate", "top"), "k": shape.top_k, "capacity_factor": 0.0 if cf is None else cf},
             shape.model_dim,
             experts,

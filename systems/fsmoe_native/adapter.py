@@ -1,0 +1,90 @@
+"""Harness adapter for fsmoe_native: tutel_native's adapter with FSMoE's layer and schedule.
+
+Options forward_degree and backward_degree take 1, 2, 4, 8 or "auto" (the default). With
+"auto", prepare() profiles the ops on the live process group (profiling.py) and picks each
+direction's degree with the cost model (schedule.py); the tuning report keeps what was
+measured, what every candidate was predicted to cost, and what was chosen.
+"""
+from __future__ import annotations
+
+import time
+
+from core.values import LayerShape, MoEKnobs, ParallelSpec
+from systems.base import Availability
+from systems.fsmoe_native.layer import FSMoELayer
+from systems.fsmoe_native.schedule import DEGREES, LayerWork, choose_degree
+from systems.tutel_native.adapter import OPTIONS as TUTEL_OPTIONS
+from systems.tutel_native.adapter import TutelNative, TutelNativeLayer
+
+DEGREE_OPTIONS = ("forward_degree", "backward_degree")
+OPTIONS = {
+    "forward_degree": "forward pipeline degree: 1, 2, 4, 8 or 'auto' (default: profiled cost model, schedule.py)",
+    "backward_degree": "backward pipeline degree: 1, 2, 4, 8 or 'auto' (default: profiled cost model)",
+    **{k: TUTEL_OPTIONS[k] for k in ("bpr", "is_postscore", "profile_phases", "expert_kernel", "expert_layout")},
+}
+
+
+def layer_work(shape: LayerShape, knobs: MoEKnobs, num_tokens: int) -> LayerWork:
+    """FSMoE's work terms for this rank's step: f = top-k x capacity factor (dropless: top-k)."""
+    cf = knobs.capacity_factor if knobs.capacity_factor else 1.0
+    return LayerWork(f=shape.top_k * cf, b=1, s=num_tokens, m=shape.model_dim, h=shape.ffn_dim,
+                     n_gemm=3 if shape.activation == "swiglu" else 2)
+
+
+class FSMoENativeLayer(TutelNativeLayer):
+    layer_class = FSMoELayer
+
+    def __init__(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec):
+        super().__init__(shape, knobs, parallel)
+        wanted = [knobs.options.get(k, "auto") for k in DEGREE_OPTIONS]
+        self.auto = [w == "auto" for w in wanted]
+        self.layer.set_degrees(*(1 if w == "auto" else int(w) for w in wanted))
+        self._schedule: dict | None = None
+
+    def prepare(self, num_tokens: int) -> None:
+        super().prepare(num_tokens)
+        if not any(self.auto) or self.parallel.ep == 1 or self._schedule is not None:
+            return
+        from systems.fsmoe_native.profiling import profile_layer
+
+        started = time.perf_counter()
+        work = layer_work(self.shape, self.knobs, num_tokens)
+        profile = profile_layer(work, self.parallel.ep, self.layer.num_local_experts, self.knobs.torch_dtype,
+                                group=self.layer.group)
+        choices = [choose_degree(profile, work, backward) for backward in (False, True)]
+        degrees = [c.chosen if auto else fixed for c, auto, fixed in
+                   zip(choices, self.auto, (self.layer.forward_degree, self.layer.backward_degree), strict=True)]
+        self.layer.set_degrees(*degrees)
+        self._schedule = {"scheduler": "FSMoE-style degree choice, systems/fsmoe_native/schedule.py",
+                          "where": "prepare(): before any checked or timed step", "work": vars(work),
+                          "profile": profile.to_dict(), "choices": [c.to_dict() for c in choices],
+                          "chosen": {"forward_degree": degrees[0], "backward_degree": degrees[1]},
+                          "wall_s": time.perf_counter() - started}
+
+    def tuning_report(self) -> dict | None:
+        report = dict(super().tuning_report() or {})
+        report["fsmoe_schedule"] = self._schedule or {
+            "chosen": {"forward_degree": self.layer.forward_degree, "backward_degree": self.layer.backward_degree},
+            "note": "degrees as given" if not any(self.auto) else "one rank: nothing to pipeline"}
+        return report
+
+
+class FSMoENative(TutelNative):
+    name = "fsmoe_native"
+    description = ("FSMoE-style scheduled MoE on tutel_native's layer: per-direction pipeline degrees from a "
+                   "profiled cost model")
+    options = OPTIONS
+    shards_experts = False
+
+    def check_support(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec) -> Availability:
+        common = super().check_support(shape, knobs, parallel)
+        if not common.ok:
+            return common
+        for key in DEGREE_OPTIONS:
+            value = knobs.options.get(key, "auto")
+            if value != "auto" and value not in DEGREES:
+                return Availability.no(f"{key} must be one of {', '.join(map(str, DEGREES))} or 'auto', got {value!r}")
+        return Availability.yes()
+
+    def build_layer(self, shape, knobs, parallel, layer_index=0):
+        return FSMoENativeLayer(shape, knobs, parallel)
