@@ -402,6 +402,10 @@ def build_model_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict
     opt = make_optimizer(model.parameters()) if spec.mode == "train" else None
     poison = _fault_here(spec, "nonfinite")
     expert_params = [p for layer in model.moe_layers for p in layer.expert_parameters()]
+    # A system may schedule the data-parallel all-reduce itself (inside backward); else one after it.
+    grad_sync = system.gradient_sync(parallel, model.moe_layers) if spec.mode != "forward" else None
+    if grad_sync is not None:
+        grad_sync.attach(model, expert_params)
 
     def step(i: int = 0) -> torch.Tensor:
         tokens_BS, targets_BS = batches[i % len(batches)]
@@ -410,7 +414,10 @@ def build_model_bench(spec: TrialSpec, system, device: str) -> tuple[Bench, dict
             loss = loss * float("nan")
         if spec.mode != "forward":
             loss.backward()
-            sync_gradients(model, expert_params, parallel)
+            if grad_sync is not None:
+                grad_sync.finish()
+            else:
+                sync_gradients(model, expert_params, parallel)
         if opt is not None:
             for layer in model.moe_layers:
                 layer.before_optimizer_step()

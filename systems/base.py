@@ -271,6 +271,13 @@ class MoESystem(ABC):
             return Availability.no(why)
         return Availability.yes()
 
+    def gradient_sync(self, parallel: ParallelSpec, layers: list[MoELayerAdapter]):
+        """At model level, an object that takes over the data-parallel gradient sync: the harness calls
+        ``attach(module, expert_params)`` once, after the layers are prepared, and ``finish()`` after each
+        backward (e.g. to issue the all-reduce in partitions inside backward). None (the default): the
+        harness all-reduces the replicated gradients once after backward."""
+        return None
+
     def init_distributed(self, parallel: ParallelSpec) -> None:
         """Set up process groups. Default: plain torch.distributed from torchrun's env vars
         (NCCL when CUDA is present, gloo otherwise, as the peer adapters do)."""

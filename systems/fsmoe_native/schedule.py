@@ -162,5 +162,17 @@ def choose_degree(profile: Profile, work: LayerWork, backward: bool) -> DegreeCh
     return DegreeChoice(direction, snapped, relaxed, predicted, bound, reason)
 
 
-def allreduce_ms(profile: Profile, grad_bytes: float) -> float:
-    return profile.costs["allreduce"].ms(grad_bytes)
+def backward_gap_ms(profile: Profile, work: LayerWork, d: int) -> float:
+    """Link idle time inside the layer's backward pipeline at degree d: its predicted time minus the
+    all-to-all stream's busy time (what a gradient all-reduce can fill without delaying the layer)."""
+    c = chunk_times(profile, work, d, backward=True)
+    total, _ = pipelined_ms(profile, work, d, backward=True)
+    return max(0.0, total - d * (c["dispatch"] + c["combine"]))
+
+
+def allreduce_bytes_within(profile: Profile, ms: float) -> float:
+    """How many bytes of all-reduce the profile predicts to finish in `ms`."""
+    ab = profile.costs["allreduce"]
+    if ms <= ab.alpha:
+        return 0.0
+    return float("inf") if ab.beta == 0 else (ms - ab.alpha) / ab.beta
