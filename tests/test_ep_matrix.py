@@ -35,6 +35,11 @@ def assert_ok_and_checked(trials: list[dict]) -> None:
         assert t["status"] == "ok", f"{t['id']}: {t['status']}: {t['message'][-500:]}"
         assert t["check"] is not None and t["check"]["passed"], f"{t['id']}: {t['check']}"
         assert len(t["per_rank_samples_s"]) == t["parallel"]["world_size"]
+        # exposed communication: measured for every multi-rank step, never negative nor above the step
+        exposed = t["exposed_comm_s"]
+        assert len(exposed) == len(t["samples_s"]), t["id"]
+        assert all(0 <= e <= s for e, s in zip(exposed, t["samples_s"], strict=True)), t["id"]
+        assert max(exposed) > 0, t["id"]  # every system here exchanges tokens
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from systems.fsmoe_native.grad_sync import plan_partitions
 from systems.fsmoe_native.layer import FSMoELayer
 from systems.fsmoe_native.schedule import DEGREES, AlphaBeta, LayerWork, Profile, choose_degree, fit, pipelined_ms
 from systems.tutel_native.layer import MoELayer
@@ -113,3 +114,49 @@ def _every_pair(rank, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_degree_pair_equals_tutel_native(world):
     spawn(_every_pair, world)
+
+
+# ---- the gradient all-reduce inside backward ---------------------------------------------------
+
+def test_partitions_fill_each_gap_and_carry_the_overflow():
+    # gaps of 100 and 50 bytes: [60, 30] fit the first; 80 overflows the second by 30 (one tensor at
+    # least per gap), so the third gap starts 30 in debt and takes [10]; the rest goes after backward
+    assert plan_partitions([60, 30, 80, 10, 40, 5], [100, 50, 45]) == [[0, 1], [2], [3], [4, 5]]
+    assert plan_partitions([10, 10], []) == [[0, 1]]  # no gaps: one all-reduce after backward
+
+
+def _grad_sync_same_numbers(rank, world):
+    from core.values import MoEKnobs, ParallelSpec
+    from harness.distributed import sync_gradients
+    from harness.model import build_model, make_batch
+    from systems import get_system
+    from systems.fsmoe_native.grad_sync import PartitionedGradientSync
+    from workloads.flavors import get_workload
+
+    workload = get_workload("mixtral-8x7b", "debug")
+    system, parallel = get_system("fsmoe_native"), ParallelSpec(world_size=world, ep=world)
+    knobs = MoEKnobs(capacity_factor=None, dtype="float64", options={"forward_degree": 2, "backward_degree": 4})
+    tokens, targets = make_batch(workload, seed=0, rank=rank)
+    grads = []
+    for partitioned in (True, False):
+        model = build_model(workload, system, knobs, parallel, seed=0)
+        experts = [p for layer in model.moe_layers for p in layer.expert_parameters()]
+        sync = PartitionedGradientSync(world, world, gaps_bytes=[2048.0, 4096.0]) if partitioned else None
+        if sync is not None:
+            sync.attach(model, experts)
+            assert len(sync.partitions) == 3  # one per gap, and the rest after backward
+        model.loss(tokens, targets)[0].backward()
+        if sync is not None:
+            sync.finish()
+            assert sync.last_issued_in_backward == 3  # every partition went out from its hooks
+        else:
+            sync_gradients(model, experts, parallel)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    dist.barrier()
+
+
+@pytest.mark.slow
+def test_partitioned_gradient_all_reduce_gives_the_same_gradients():
+    spawn(_grad_sync_same_numbers, 2)

@@ -72,6 +72,8 @@ class PartitionedGradientSync:
     expert_params: list[torch.nn.Parameter] = field(default_factory=list)
     group: object = None
     plan: list[dict] = field(default_factory=list)  # what was planned, for the tuning report
+    issued_in_backward: int = 0  # partitions this backward has issued from its hooks so far
+    last_issued_in_backward: int = 0  # ... and in the last completed step (the rest went out in finish)
 
     def attach(self, module: torch.nn.Module, expert_params: list[torch.nn.Parameter]) -> None:
         expert_ids = {id(p) for p in expert_params}
@@ -87,6 +89,7 @@ class PartitionedGradientSync:
         self._reset()
 
     def _reset(self) -> None:
+        self.issued_in_backward = 0
         for part in self.partitions:
             part.pending, part.flat, part.work = len(part.params), None, None
 
@@ -95,6 +98,7 @@ class PartitionedGradientSync:
             part.pending -= 1
             if part.pending == 0:
                 self._issue(part)
+                self.issued_in_backward += 1
 
         return hook
 
@@ -118,7 +122,9 @@ class PartitionedGradientSync:
             for p in part.params:
                 p.grad.copy_(part.flat[offset : offset + p.numel()].view_as(p.grad))
                 offset += p.numel()
+        issued = self.issued_in_backward
         self._reset()
+        self.last_issued_in_backward = issued
         dp = self.world_size // self.ep
         if dp > 1:
             grads = [p.grad for p in self.expert_params if p.grad is not None]
