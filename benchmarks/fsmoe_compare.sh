@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# fsmoe_native against tutel_native (at d = 1 and at each fixed overlap degree, so its best fixed d is in
+# the same interleaved run), DeepSpeed-MoE and Megatron-Core, at EP 2 and EP 4 on gloo, layer and model
+# level, on the classic mixtral-8x7b proxy and the fine-grained qwen3-30b-a3b proxy. Every trial is
+# checked against the reference in its first round; rounds are interleaved and paired. Results carry
+# each step's exposed communication (harness/exposed_comm.py).
+#
+#   benchmarks/fsmoe_compare.sh [--repeats N] [--dry-run]
+#
+# Run it with nothing else on the machine. 4 ranks share the 2 cores here (1 thread each).
+# Results go to results/fsmoe/, tables to reports/fsmoe/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+repeats=5 dry_run=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --repeats) repeats="$2"; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    *) echo "fsmoe_compare.sh: unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
+  esac
+done
+
+step() {  # print a command; run it unless --dry-run
+  echo "+ $*"
+  if [ "$dry_run" = 0 ]; then "$@"; fi
+}
+
+SYSTEMS=fsmoe_native,tutel_native,deepspeed_moe,megatron_core
+TUTEL_D=(--variant tutel_native:overlap_degree=2 --variant tutel_native:overlap_degree=4)
+for ep in 2 4; do
+  step ./moebench run --workload mixtral-8x7b,qwen3-30b-a3b --level layer --nproc-per-node "$ep" --ep "$ep" \
+    --systems "$SYSTEMS" "${TUTEL_D[@]}" --repeats "$repeats" --out results/fsmoe
+  # model level: also fsmoe_native with the one all-reduce after backward (its partitioned one is the default)
+  step ./moebench run --workload mixtral-8x7b,qwen3-30b-a3b --level model --nproc-per-node "$ep" --ep "$ep" \
+    --systems "$SYSTEMS" "${TUTEL_D[@]}" --variant fsmoe_native:grad_sync=after_backward \
+    --repeats "$repeats" --out results/fsmoe
+done
+step ./moebench report results/fsmoe --out reports/fsmoe --baseline fsmoe_native --title "fsmoe_native vs the others"
