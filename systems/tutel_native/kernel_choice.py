@@ -74,9 +74,17 @@ class KernelCostModel:
     def predict(self, name: str, fills: list[int]) -> float:
         return self.costs[name].predict(rows(name, fills))
 
-    def choose(self, fills: list[int]) -> tuple[str, str]:
-        """The cheapest candidate for these fills (ties: the first in CANDIDATES)."""
-        name = min(self.costs, key=lambda n: (self.predict(n, fills), list(self.costs).index(n)))
+    def choose(self, fills: list[int], padded_rows: int | None = None) -> tuple[str, str]:
+        """The cheapest candidate for these fills (ties: the first in CANDIDATES). ``padded_rows``:
+        above one rank, the rows of the padded buffer the all-to-all delivered, which the padded
+        candidate (mm/max_fill's costs: one bmm over every row) would compute."""
+
+        def predicted(name: str) -> float:
+            if padded_rows is not None and name.endswith("/max_fill"):
+                return self.costs[name].predict(padded_rows)
+            return self.predict(name, fills)
+
+        name = min(self.costs, key=lambda n: (predicted(n), list(self.costs).index(n)))
         kernel, layout = name.split("/")
         return kernel, layout
 

@@ -263,7 +263,8 @@ class MoELayer(nn.Module):
             group_max=self._group_max,
             padded=self._needs_padded(),
             splits_for=self._splits_for() if self.world_size == 1 else None,
-            layout_for=self._cost_model_layout(x_SM, k) if self._uses_cost_model() else None,
+            layout_for=self._cost_model_layout(x_SM, k) if self._uses_cost_model() and self.world_size == 1
+            else None,
         )
         plan.overlap_degree, plan.adaptive_r = d, r
         dispatched_RM = encode(x_SM, plan, self.is_postscore)
@@ -282,9 +283,10 @@ class MoELayer(nn.Module):
         return y
 
     def _uses_cost_model(self) -> bool:
-        """Kernel and layout both "auto" on one rank with built-in experts: kernel_choice.py decides."""
-        return (self.expert_kernel == "auto" and self.expert_layout == "auto" and self.world_size == 1
-                and self.sharded_count == 1 and hasattr(self.experts, "synthetic_weights"))
+        """Kernel and layout both "auto", whole built-in experts per rank: kernel_choice.py decides (at one
+        rank the layout of the dispatch buffer, above one rank whether the experts skip its padding)."""
+        return (self.expert_kernel == "auto" and self.expert_layout == "auto" and self.sharded_count == 1
+                and hasattr(self.experts, "synthetic_weights"))
 
     def prepare_kernel_choice(self, num_tokens: int, device, dtype, top_k: int | None = None) -> None:
         """Look up (or measure, once per machine) the kernel cost model for steps of ``num_tokens``
@@ -293,22 +295,33 @@ class MoELayer(nn.Module):
         if not self._uses_cost_model():
             return
         k = min(top_k if top_k is not None else self.gates[0].cfg.k, self.num_global_experts)
-        rows_per_expert = num_tokens * k / self.num_global_experts
+        rows_per_expert = num_tokens * k / self.num_global_experts * self.world_size  # from every rank
         key = (torch.device(device), dtype, kernel_choice.calibration_rows(rows_per_expert), torch.get_num_threads())
+        self._cost_model_tokens = (num_tokens, k)
         if key != self._cost_model_key:  # looked up once per setting, not per step
-            self.kernel_cost_model = kernel_choice.model_for(self.experts, key[0], dtype, rows_per_expert)
+            # Ranks take turns: the first measures (if the machine's cache lacks the model) on a quiet
+            # machine, the others read what it wrote. Every rank of the group gets here with the same key.
+            for turn in range(self.world_size):
+                if turn == self.rank:
+                    self.kernel_cost_model = kernel_choice.model_for(self.experts, key[0], dtype, rows_per_expert)
+                if self.world_size > 1:
+                    dist.barrier(group=self.group)
             self._cost_model_key = key
+
+    def choose_kernel(self, fills: list[int], padded_rows: int | None = None) -> tuple[str, str]:
+        """The cost model's (kernel, layout) for one step, counted in kernel_choices."""
+        kernel, layout = self.kernel_cost_model.choose(fills, padded_rows)
+        name = f"{kernel}/{layout}"
+        self.kernel_choices[name] = self.kernel_choices.get(name, 0) + 1
+        return kernel, layout
 
     def _cost_model_layout(self, x_SM: torch.Tensor, top_k: int):
         """build_plan's layout_for: each step, the candidate the measured cost model predicts cheapest
         for its fills."""
         self.prepare_kernel_choice(x_SM.shape[0], x_SM.device, x_SM.dtype, top_k)
-        model = self.kernel_cost_model
 
         def layout_for(fills: list[int]):
-            self._kernel, layout = model.choose(fills)
-            name = f"{self._kernel}/{layout}"
-            self.kernel_choices[name] = self.kernel_choices.get(name, 0) + 1
+            self._kernel, layout = self.choose_kernel(fills)
             if layout == "max_fill":
                 return True, lambda f: grouped_splits(f, len(f))
             return False, None

@@ -409,17 +409,19 @@ def layer_exchange(layer) -> Exchange:
     return cached[1]
 
 
-def layer_expert_fn(layer, plan: ShardPlan, r: int):
-    """The [n, N, M] -> [n, N, O] function of this rank's experts under degree r."""
+def layer_expert_fn(layer, plan: ShardPlan, r: int, kernel: str | None = None):
+    """The [n, N, M] -> [n, N, O] function of this rank's experts under degree r (kernel: the layer's
+    expert_kernel unless given)."""
+    kernel = kernel or layer.expert_kernel
     experts = layer.experts
     params = dict(zip(experts.present_weight_names(), layer.expert_weights(), strict=True)) if hasattr(
         experts, "present_weight_names"
     ) else None
     if params is not None and "batched_fc1_w" in params:
-        return replace(ffn_weights(params, experts.act, plan, r, experts.output_dim), kernel=layer.expert_kernel)
+        return replace(ffn_weights(params, experts.act, plan, r, experts.output_dim), kernel=kernel)
     if params is not None and "W_fc1" in params:
         weights = llama_weights(params, experts.act, plan, r, experts.model_dim, experts.hidden)
-        return replace(weights, kernel=layer.expert_kernel)
+        return replace(weights, kernel=kernel)
     if r == 0 and plan.world > 1:
         raise ValueError("adaptive_r=0 needs built-in experts (ffn or llama_ffn): custom experts cannot be gathered")
     return lambda x_nNM: experts(x_nNM, ctx=layer)
@@ -434,10 +436,17 @@ def expert_step(layer, dispatched_RM: torch.Tensor, route) -> torch.Tensor:
     d = route.overlap_degree
     E, C = plan.num_global_experts, route.capacity
     D_ECM = dispatched_RM.view(E, C, -1)
-    expert_fn = layer_expert_fn(layer, plan, r)
-    live = None
-    if layer.expert_layout != "capacity" and hasattr(expert_fn, "compute_rows"):
+    live, kernel = None, None
+    if layer.expert_layout != "capacity" and hasattr(layer.experts, "compute_rows"):
         live = LiveRows(gather_fills(route.fill_E, layer.group, D_ECM.device))
+        if layer._uses_cost_model():  # live rows with the cheapest kernel, or every padded row in one bmm
+            layer.prepare_kernel_choice(route.num_tokens, D_ECM.device, D_ECM.dtype, route.top_k)
+            first = plan.expert_index
+            fills = live.fill_WE[:, first : first + plan.num_local_experts].sum(0).tolist()
+            kernel, layout = layer.choose_kernel(fills, padded_rows=plan.num_local_experts * plan.world * C)
+            if layout != "live":
+                live = None
+    expert_fn = layer_expert_fn(layer, plan, r, kernel)
     layer.phase_clock.tick("a2a")
     Y_ECO = run_experts(D_ECM, expert_fn, plan, r, d, layer_exchange(layer), live)
     layer.phase_clock.tick("experts")  # with overlap, exchange and compute interleave: one figure
