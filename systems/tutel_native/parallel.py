@@ -440,7 +440,8 @@ def expert_step(layer, dispatched_RM: torch.Tensor, route) -> torch.Tensor:
     if layer.expert_layout != "capacity" and hasattr(layer.experts, "compute_rows"):
         live = LiveRows(gather_fills(route.fill_E, layer.group, D_ECM.device))
         if layer._uses_cost_model():  # live rows with the cheapest kernel, or every padded row in one bmm
-            layer.prepare_kernel_choice(route.num_tokens, D_ECM.device, D_ECM.dtype, route.top_k)
+            if layer.kernel_cost_model is None:  # every rank gets here at its first step (prepare not called)
+                layer.prepare_kernel_choice(route.num_tokens, D_ECM.device, D_ECM.dtype, route.top_k)
             first = plan.expert_index
             fills = live.fill_WE[:, first : first + plan.num_local_experts].sum(0).tolist()
             kernel, layout = layer.choose_kernel(fills, padded_rows=plan.num_local_experts * plan.world * C)
