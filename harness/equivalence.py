@@ -61,6 +61,7 @@ from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
 from systems.base import (
     AUX_LOSS_UNSTATED,
     DROP_ORDERS,
+    ROUTER_PRECISIONS,
     TOLERANCE,
     GradientsNotComparable,
     MoELayerAdapter,
@@ -174,9 +175,13 @@ def policy_reference(shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec,
             if policy.renormalize_after_drop:
                 raw_TK = probs_TE.gather(1, idx_TK) * keep_TK
                 gates_TK = raw_TK / raw_TK.sum(1, keepdim=True).clamp_min(torch.finfo(raw_TK.dtype).eps)
-            return probs_TE, idx_TK, gates_TK, keep_TK, capacity
+            return probs_TE, idx_TK, gates_TK.to(x_TM.dtype), keep_TK, capacity
 
-    return PolicyReference(shape, knobs, parallel, capacity=policy.capacity)
+    if policy.router_precision not in ROUTER_PRECISIONS:
+        raise ValueError(f"router_precision must be one of {ROUTER_PRECISIONS}, got {policy.router_precision!r}")
+    reference = PolicyReference(shape, knobs, parallel, capacity=policy.capacity)
+    reference.router_precision = policy.router_precision
+    return reference
 
 
 def _policy_of(layer: MoELayerAdapter, stats, shape: LayerShape, knobs: MoEKnobs, num_tokens: int) -> ReferencePolicy:

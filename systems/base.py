@@ -28,6 +28,7 @@ from core.values import CanonicalWeights, LayerShape, MoEKnobs, ParallelSpec
 # Relative tolerances of the equivalence check, on max|a-b| / max|b|.
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 3e-2}
 DROP_ORDERS = ("position", "prob", "gate", "given")
+ROUTER_PRECISIONS = ("input", "float32_scores", "float32_logits")
 AUX_LOSS_UNSTATED = "the adapter does not say which aux loss it returns"  # MoELayerAdapter.aux_loss_mismatch's default
 
 
@@ -47,6 +48,12 @@ class ReferencePolicy:
     renormalize_after_drop: gate values divided by the sum over *kept* choices.
     dropless: the system drops nothing whatever the capacity factor (a layer with no capacity
       rule); the reference then runs dropless too, and `note` should say so.
+    router_precision: how the system computes its router when the input is narrower than fp32
+      (bf16, fp16): "input" logits and scores in the input dtype; "float32_scores" logits in the
+      input dtype, scores and the top-k choice in fp32 (transformers, Megatron); "float32_logits"
+      logits from fp32 copies of tokens and gate, scores in fp32 (DeepSpeed). In bf16 many
+      experts' scores tie at bf16's resolution, so the choice depends on it; the reference routes
+      the same way, and gate values go back to the input dtype.
 
     A peer that computes in lower precision than its input declares that with
     :meth:`MoELayerAdapter.internal_precision`, not here.
@@ -58,6 +65,7 @@ class ReferencePolicy:
     renormalize_after_drop: bool = False
     note: str = ""
     dropless: bool = False
+    router_precision: str = "input"
 
 
 @dataclass(frozen=True)

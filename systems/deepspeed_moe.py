@@ -148,7 +148,14 @@ class DeepSpeedMoELayer(MoELayerAdapter):
         return ""
 
     def reference_policy(self):
-        """How to run torch_reference so that it computes what DeepSpeed computes (harness/equivalence.py)."""
+        """How to run torch_reference so that it computes what DeepSpeed computes (harness/equivalence.py):
+        its capacity rules, and its gate on fp32 copies of tokens and weight (TopKGate), so in bf16 the
+        reference's router does the same."""
+        import dataclasses
+
+        return dataclasses.replace(self._capacity_policy(), router_precision="float32_logits")
+
+    def _capacity_policy(self):
         from systems.base import ReferencePolicy
 
         stats = self.routing_stats()

@@ -145,7 +145,7 @@ class HFTransformersLayer(MoELayerAdapter):
         note = "transformers' blocks have no capacity: every choice is computed"
         if self.knobs.capacity_factor is not None:
             note += f" (the workload's cf {self.knobs.capacity_factor:g} does not apply)"
-        return ReferencePolicy(dropless=True, note=note)
+        return ReferencePolicy(dropless=True, note=note, router_precision="float32_scores")
 
 
 class HFTransformers(MoESystem):

@@ -262,14 +262,16 @@ class MegatronMoELayer(MoELayerAdapter):
         return ""
 
     def reference_policy(self):
-        """How to run torch_reference so that it computes what Megatron computes (harness/equivalence.py)."""
+        """How to run torch_reference so that it computes what Megatron computes (harness/equivalence.py):
+        its capacity rule, and its router's fp32 scores of input-dtype logits."""
         from systems.base import ReferencePolicy
 
         if self.knobs.capacity_factor is None:
-            return ReferencePolicy()
+            return ReferencePolicy(router_precision="float32_scores")
         capacity = self.routing_stats().capacity
-        return ReferencePolicy(capacity=capacity, drop_order="gate", note=f"Megatron capacity {capacity} "
-                               "(ceil(T*k/E*cf)), drops lowest gate values per expert")
+        return ReferencePolicy(capacity=capacity, drop_order="gate", router_precision="float32_scores",
+                               note=f"Megatron capacity {capacity} (ceil(T*k/E*cf)), drops lowest gate values "
+                               "per expert")
 
 
 class MegatronCore(MoESystem):

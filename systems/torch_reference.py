@@ -129,6 +129,7 @@ class ReferenceMoELayer(MoELayerAdapter):
         system's capacity in equivalence checks); ignored when dropless."""
         super().__init__()
         self.capacity_override = capacity
+        self.router_precision = "input"  # the equivalence check sets the system's (ReferencePolicy)
         shape.validate()
         self.shape, self.knobs, self.parallel = shape, knobs, parallel
         dtype = knobs.torch_dtype
@@ -157,10 +158,20 @@ class ReferenceMoELayer(MoELayerAdapter):
                 if param is not None:
                     param.copy_(getattr(local, name))
 
+    def router_logits(self, x_TM: torch.Tensor) -> torch.Tensor:
+        """x @ gate^T, at the router precision this layer mirrors (systems/base.py ReferencePolicy)
+        when the input is narrower than fp32; in the input dtype otherwise."""
+        narrow = x_TM.dtype in (torch.bfloat16, torch.float16)
+        if narrow and self.router_precision == "float32_logits":
+            return x_TM.float() @ self.gate_EM.float().T
+        logits_TE = x_TM @ self.gate_EM.T
+        return logits_TE.float() if narrow and self.router_precision == "float32_scores" else logits_TE
+
     def route(self, x_TM: torch.Tensor):
         """Returns probs_TE, idx_TK, gates_TK, keep_TK, capacity."""
         E, K = self.shape.num_experts, self.shape.top_k
-        probs_TE, idx_TK, gates_TK = route_scores(x_TM @ self.gate_EM.T, self.shape, self.score_bias_E)
+        probs_TE, idx_TK, gates_TK = route_scores(self.router_logits(x_TM), self.shape, self.score_bias_E)
+        gates_TK = gates_TK.to(x_TM.dtype)
         cf = self.knobs.capacity_factor
         if cf is None:
             keep_TK = torch.ones_like(idx_TK, dtype=torch.bool)

@@ -115,3 +115,23 @@ def test_unsupported_trials_give_their_reason():
     assert "must be one of" in _support(mixtral, experts="batched").reason
     capped = get_system("hf_transformers").check_support(mixtral, MoEKnobs(capacity_factor=1.2), ParallelSpec())
     assert "--capacity-factor dropless" in capped.reason and "1.2" in capped.reason
+
+
+def test_bf16_router_precision_decides_the_choices():
+    """In bf16, 128 experts' scores tie at bf16's resolution; transformers takes its softmax in fp32, so the
+    reference must too (router_precision "float32_scores") or near-ties route differently."""
+    import dataclasses
+
+    from workloads.routing import make_layer_inputs
+
+    shape = resolve_workload("qwen3-30b-a3b", "proxy").layer
+    knobs = MoEKnobs(capacity_factor=None, dtype="bfloat16")
+    x, weights = make_layer_inputs(shape, 1024, "learned", 0, dtype=torch.bfloat16)  # the proxy's trial inputs
+    layer = build_moe_layer(get_system("hf_transformers"), shape, knobs, ParallelSpec())
+    layer.load_canonical(weights)
+    check = check_against_reference(layer, shape, knobs, ParallelSpec(), weights, x)
+    assert check.passed and check.counts_equal, check.note
+    own = layer.reference_policy
+    layer.reference_policy = lambda: dataclasses.replace(own(), router_precision="input")
+    mirrored_badly = check_against_reference(layer, shape, knobs, ParallelSpec(), weights, x)
+    assert not mirrored_badly.counts_equal and not mirrored_badly.passed
