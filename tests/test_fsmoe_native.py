@@ -93,8 +93,10 @@ def _every_pair(rank, world):
                            ({"type": "ffn", "activation_fn": F.gelu}, 1, 2.0)):  # GELU with biases, capacity
         tutel, fsmoe = _layers(k, experts, cf)
         gen = torch.Generator().manual_seed(20 + rank)
-        x = torch.randn(24, M, generator=gen, dtype=torch.float64)
-        dy = torch.randn(24, M, generator=gen, dtype=torch.float64)
+        # 32 tokens: with cf 2, C = int(2 * 32 / E) is 16 (2 ranks) or 8 (4 ranks), a multiple of every
+        # degree, so both layers keep the same choices whatever capacity multiple their degrees ask for
+        x = torch.randn(32, M, generator=gen, dtype=torch.float64)
+        dy = torch.randn(32, M, generator=gen, dtype=torch.float64)
         tutel.a2a_ffn_overlap_degree = 8  # the same capacity multiple as the largest degree
         want_y, want_dx, want_grads = _step(tutel, x, dy)
         for d_f, d_b in PAIRS:
