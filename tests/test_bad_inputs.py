@@ -60,7 +60,8 @@ def _run(*argv: str) -> list[str]:
 # (id, argv, fragment of the one error line). {d} is the directory holding FILES.
 BAD_INPUTS = [
     # unknown names, with the closest valid ones
-    ("run system", _run("--systems", "tutle_native"), "unknown system 'tutle_native'; did you mean tutel_native?"),
+    ("run system", _run("--systems", "tutle_native"),
+     "unknown system 'tutle_native'; did you mean tutel_native or fsmoe_native?"),
     ("run no system", _run("--systems", ","), "names no system"),
     ("run workload", ["run", "--workload", "mixtrl-8x7b"], "did you mean mixtral-8x7b"),
     ("run flavour", ["run", "--flavor", "prxy"], "unknown flavor 'prxy'; did you mean proxy?"),
@@ -143,7 +144,7 @@ BAD_INPUTS = [
                                                       "did you mean quartets?"),
     ("gate table", ["gate", "{d}/suite_table.toml"], ":8: unknown table or field 'suit'; did you mean suite?"),
     ("gate system", ["gate", "{d}/suite_system.toml"], ":8: benchmark 'a' field 'systems': unknown system "
-                                                        "'tutle_native'; did you mean tutel_native?"),
+                                                        "'tutle_native'; did you mean tutel_native or fsmoe_native?"),
     ("gate level", ["gate", "{d}/suite_level.toml"], "field 'level': unknown level 'layr'; did you mean layer?"),
     ("gate mode", ["gate", "{d}/suite_mode.toml"], "field 'mode': unknown mode 'trian'; did you mean train?"),
     ("gate routing", ["gate", "{d}/suite_routing.toml"], "did you mean balanced?"),

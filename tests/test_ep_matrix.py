@@ -54,6 +54,10 @@ def test_every_available_system_at_full_expert_parallelism(world):
     trials = runner.run_trials(specs, runner.RunOptions(repeats=1, progress=io.StringIO()))
     assert {t["system"] for t in trials} >= {"torch_reference", "tutel_native", "deepspeed_moe", "megatron_core"}
     assert_ok_and_checked(trials)
+    # above one rank too, tutel_native's cost model chose the kernel (live rows, or one bmm over the padding)
+    (native,) = [t for t in trials if t["system"] == "tutel_native" and not t["knobs"]["options"]]
+    steps = native["tuning"][0]["kernel_choice"]["steps"]
+    assert sum(steps.values()) >= 3 and set(steps) <= {"grouped/live", "onednn/live", "mm/live", "mm/max_fill"}
 
 
 @pytest.mark.slow

@@ -162,3 +162,31 @@ def _grad_sync_same_numbers(rank, world):
 @pytest.mark.slow
 def test_partitioned_gradient_all_reduce_gives_the_same_gradients():
     spawn(_grad_sync_same_numbers, 2)
+
+
+@pytest.mark.slow
+def test_through_the_runner_at_ep2_with_the_profiled_schedule():
+    """Layer and model level at EP 2: checked against the reference, degrees chosen by the profiled model
+    and logged (what was measured, every candidate's prediction, the choice), exposed communication kept."""
+    import io
+
+    from core.values import MoEKnobs, ParallelSpec
+    from harness import runner
+    from harness.trial_spec import TrialSpec
+    from workloads.flavors import get_workload
+
+    workload = get_workload("mixtral-8x7b", "debug")
+    specs = [TrialSpec("fsmoe_native", workload, level, "train" if level == "model" else "forward_backward",
+                       "learned", MoEKnobs(capacity_factor=workload.capacity_factor),
+                       ParallelSpec(world_size=2, ep=2, threads_per_rank=1), warmup=1, steps=2, timeout_s=180)
+             for level in ("layer", "model")]
+    trials = runner.run_trials(specs, runner.RunOptions(repeats=1, progress=io.StringIO()))
+    for t in trials:
+        assert t["status"] == "ok" and t["check"]["passed"], (t["status"], t["message"][-400:], t["check"])
+        schedule = t["tuning"][0]["fsmoe_schedule"]
+        assert set(schedule["profile"]["points"]) == {"a2a", "gemm", "allreduce"}
+        assert all(len(points) == 4 for points in schedule["profile"]["points"].values())
+        for choice in schedule["choices"]:
+            assert set(map(int, choice["predicted_ms"])) == set(DEGREES) and choice["chosen"] in DEGREES
+        assert schedule["chosen"]["forward_degree"] == schedule["choices"][0]["chosen"]
+        assert len(t["exposed_comm_s"]) == len(t["samples_s"])

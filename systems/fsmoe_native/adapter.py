@@ -112,6 +112,9 @@ class FSMoENative(TutelNative):
         if knobs.options.get("grad_sync", GRAD_SYNCS[0]) not in GRAD_SYNCS:
             return Availability.no(f"grad_sync must be one of {', '.join(GRAD_SYNCS)}, "
                                    f"got {knobs.options['grad_sync']!r}")
+        if parallel.ep == 1:
+            return Availability.no("fsmoe_native schedules the expert-parallel communication; at one rank it is "
+                                   "tutel_native's layer (run it with --ep 2 or more)")
         if parallel.ep > shape.num_experts:
             return Availability.no(f"fsmoe_native pipelines whole experts per rank; ep {parallel.ep} > "
                                    f"{shape.num_experts} experts would shard them (not supported yet)")
