@@ -1,20 +1,21 @@
 """Test-only plugin: tutel_native plus a known, injected change, for testing and calibrating the gate.
 
-SLOWDOWN adds real extra compute after every forward: an elementwise kernel
-(tanh over a cache-resident buffer) repeated so that it takes that fraction of
-the layer's own forward+backward time. The repeat count is sized once, on the
-second forward (the first is the gate's work-channel step, which runs under
-torch's flop counter): a median of timed forward+backward passes of the plain
-layer against a median of timed kernels, in the same thread and conditions as
-the timed steps. Elementwise work on a private buffer is invisible to the work
-channel (no FLOPs in torch.utils.flop_counter, no routing, no checksums, a
-256 KiB buffer). OUTPUT_CHANGE scales the output by (1 + OUTPUT_CHANGE): a
-different result at the same speed.
+SLOWDOWN adds real extra compute in proportion to the layer's own work, step by
+step: after the forward, an elementwise kernel (tanh over a cache-resident
+buffer) repeats for SLOWDOWN x the time that forward just took; when the
+layer's backward ends, it repeats for SLOWDOWN x the time that backward took
+(two identity autograd functions mark where the backward starts and ends).
+Measuring live keeps the injected fraction right whatever the machine is doing:
+an earlier version sized a fixed repeat count once from a burst of quiet steps,
+and on a loaded CI machine the interleaved steps ran slower than that burst, so
+a "30%" slowdown came out at 15%. The kernel's work on a private 256 KiB buffer
+is invisible to the work channel (no FLOPs in torch.utils.flop_counter, no
+routing, no checksums). OUTPUT_CHANGE scales the output by (1 + OUTPUT_CHANGE):
+a different result at the same speed.
 
 The gate's tests and benchmarks/gate_calibration.py copy this file into a
 scratch git repository and commit it with different constants.
 """
-import statistics
 import time
 
 import torch
@@ -25,43 +26,41 @@ from systems.tutel_native.adapter import TutelNative
 SLOWDOWN = 0.0
 OUTPUT_CHANGE = 0.0
 BURN_ELEMENTS = 1 << 16  # 256 KiB of fp32: stays in cache, so the work is compute, not memory traffic
-TIMING_REPEATS = 5
-
-
-def median_seconds(fn) -> float:
-    times = []
-    for _ in range(TIMING_REPEATS):
-        begin = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times)
 
 
 class Burner:
     def __init__(self, fraction: float):
-        self.fraction, self.reps, self.calls = fraction, 0, 0
+        self.fraction = fraction
         self.buffer = torch.rand(BURN_ELEMENTS)
         self.out = torch.empty_like(self.buffer)
+        self.backward_began = 0.0
 
-    def size(self, layer, forward, x_TM: torch.Tensor) -> None:
-        """reps = fraction x (forward+backward time) / (one kernel's time); gradients are put back."""
-        saved = {p: p.grad for p in layer.parameters()}
-        x = x_TM.detach().clone().requires_grad_(True)
-        dy = torch.randn_like(x)
-        step_s = median_seconds(lambda: torch.autograd.backward([forward(x).y_TM], [dy]))
-        burn_s = median_seconds(lambda: torch.tanh(self.buffer, out=self.out))
-        for param, grad in saved.items():
-            param.grad = grad
-        self.reps = round(self.fraction * step_s / burn_s)
-
-    def after_forward(self, layer, forward, x_TM: torch.Tensor) -> None:
-        self.calls += 1
-        if self.fraction <= 0 or self.calls == 1:
-            return
-        if self.calls == 2:
-            self.size(layer, forward, x_TM)
-        for _ in range(self.reps):
+    def burn_for(self, seconds: float) -> None:
+        """Real compute, not sleep: tanh kernels until `seconds` have passed."""
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
             torch.tanh(self.buffer, out=self.out)
+
+    def backward_begins(self) -> None:
+        self.backward_began = time.perf_counter()
+
+    def backward_ends(self) -> None:
+        self.burn_for(self.fraction * (time.perf_counter() - self.backward_began))
+
+
+class _OnBackward(torch.autograd.Function):
+    """Identity on x whose backward first calls `hook`. `anchor` (a leaf that requires grad) makes the
+    backward run even where x itself needs no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, hook):
+        ctx.hook = hook
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.hook()
+        return grad, None, None
 
 
 class SlowedTutelNative(TutelNative):
@@ -72,10 +71,16 @@ class SlowedTutelNative(TutelNative):
         layer = super().build_layer(shape, knobs, parallel, layer_index)
         plain_forward = layer.forward
         burner = Burner(SLOWDOWN)
+        anchor = torch.zeros((), requires_grad=True)
 
         def forward(x_TM):
-            out = plain_forward(x_TM)
-            burner.after_forward(layer, plain_forward, x_TM)
+            if not SLOWDOWN:
+                out = plain_forward(x_TM)
+            else:
+                began = time.perf_counter()
+                out = plain_forward(_OnBackward.apply(x_TM, anchor, burner.backward_ends))
+                burner.burn_for(SLOWDOWN * (time.perf_counter() - began))
+                out = MoEOutput(_OnBackward.apply(out.y_TM, anchor, burner.backward_begins), out.l_aux)
             if OUTPUT_CHANGE:
                 out = MoEOutput(out.y_TM * (1 + OUTPUT_CHANGE), out.l_aux)
             return out
