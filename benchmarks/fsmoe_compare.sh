@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # fsmoe_native against tutel_native (at d = 1 and at each fixed overlap degree, so its best fixed d is in
 # the same interleaved run), DeepSpeed-MoE and Megatron-Core, at EP 2 and EP 4 on gloo, layer and model
-# level, on the classic mixtral-8x7b proxy and the fine-grained qwen3-30b-a3b proxy. Every trial is
+# level, on the classic mixtral-8x7b proxy and the fine-grained qwen3-30b-a3b proxy, and with sharded experts
+# (ep > E) at layer level. Every trial is
 # checked against the reference in its first round; rounds are interleaved and paired. Results carry
 # each step's exposed communication (harness/exposed_comm.py).
 #
@@ -36,4 +37,8 @@ for ep in 2 4; do
     --systems "$SYSTEMS" "${TUTEL_D[@]}" --variant fsmoe_native:grad_sync=after_backward \
     --repeats "$repeats" --out results/fsmoe
 done
+# Sharded experts (ESP): 2 experts over 4 ranks, 2 holders each (FSMoE's all-gather / reduce-scatter vs
+# Tutel's sharded all-to-all at r = 1 and r = 2); DeepSpeed-MoE and Megatron-Core cannot shard (skipped).
+step ./moebench run --workload mixtral-8x7b --experts 2 --level layer --nproc-per-node 4 --ep 4 \
+  --systems fsmoe_native,tutel_native --variant tutel_native:adaptive_r=2 --repeats "$repeats" --out results/fsmoe
 step ./moebench report results/fsmoe --out reports/fsmoe --baseline fsmoe_native --title "fsmoe_native vs the others"

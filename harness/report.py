@@ -505,7 +505,7 @@ def choose_baseline(frame, requested: str | None) -> str | None:
 
 def _csv_iteration(frame):
     columns = ["id", *KEY_COLUMNS, "work", "system", "status", "n", "median_ms", "q1_ms", "q3_ms", "iqr_ms", "outliers",
-               "calibration_ms", "tokens_per_s", "useful_tflops", "executed_tflops", "check_passed", "run_id",
+               "exposed_ms", "calibration_ms", "tokens_per_s", "useful_tflops", "executed_tflops", "check_passed", "run_id",
                "created_utc", "message"]
     table = frame[columns].sort_values(["id"])
     return table.astype({"n": "Int64", "outliers": "Int64", "check_passed": "boolean"})

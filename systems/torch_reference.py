@@ -162,9 +162,11 @@ class ReferenceMoELayer(MoELayerAdapter):
         """x @ gate^T, at the router precision this layer mirrors (systems/base.py ReferencePolicy)
         when the input is narrower than fp32; in the input dtype otherwise."""
         narrow = x_TM.dtype in (torch.bfloat16, torch.float16)
+        # F.linear, as every system's gate computes it: in bf16, x @ w.T can take another kernel, and a
+        # differently rounded logit flips near-ties among many experts.
         if narrow and self.router_precision == "float32_logits":
-            return x_TM.float() @ self.gate_EM.float().T
-        logits_TE = x_TM @ self.gate_EM.T
+            return F.linear(x_TM.float(), self.gate_EM.float())
+        logits_TE = F.linear(x_TM, self.gate_EM)
         return logits_TE.float() if narrow and self.router_precision == "float32_scores" else logits_TE
 
     def route(self, x_TM: torch.Tensor):

@@ -117,14 +117,16 @@ def test_unsupported_trials_give_their_reason():
     assert "--capacity-factor dropless" in capped.reason and "1.2" in capped.reason
 
 
-def test_bf16_router_precision_decides_the_choices():
-    """In bf16, 128 experts' scores tie at bf16's resolution; transformers takes its softmax in fp32, so the
-    reference must too (router_precision "float32_scores") or near-ties route differently."""
+@pytest.mark.parametrize("name,overrides", [("qwen3-30b-a3b", {}), ("deepseek-v3", {"router": "softmax"})])
+def test_bf16_router_precision_decides_the_choices(name, overrides):
+    """In bf16, 128 or 256 experts' scores tie at bf16's resolution; transformers takes its softmax in fp32
+    of F.linear's bf16 logits, so the reference must too (router_precision "float32_scores", logits by
+    F.linear: at width 896, x @ w.T rounded some logits differently) or near-ties route differently."""
     import dataclasses
 
     from workloads.routing import make_layer_inputs
 
-    shape = resolve_workload("qwen3-30b-a3b", "proxy").layer
+    shape = resolve_workload(name, "proxy", overrides).layer
     knobs = MoEKnobs(capacity_factor=None, dtype="bfloat16")
     x, weights = make_layer_inputs(shape, 1024, "learned", 0, dtype=torch.bfloat16)  # the proxy's trial inputs
     layer = build_moe_layer(get_system("hf_transformers"), shape, knobs, ParallelSpec())

@@ -54,6 +54,18 @@ def test_iteration_cells_show_median_and_iqr_or_status(tmp_path):
     assert "interquartile range" in rep.iteration_markdown
 
 
+def test_exposed_communication_beside_the_time_and_in_the_csv(tmp_path):
+    trial = make_trial("deepspeed_moe", (0.030, 0.031, 0.032, 0.033, 0.034))
+    trial["exposed_comm_s"] = [0.004, 0.005, 0.006, 0.005, 0.004]  # median 5 ms
+    write(tmp_path, "a.json", [make_trial("torch_reference", REF), trial])
+    rep = report(tmp_path)
+    assert cell(rep.iteration_markdown, "deepspeed_moe") == "32.0 ± 2.0 (comm 5.0)"
+    assert cell(rep.iteration_markdown, "torch_reference") == "12.0 ± 2.0"  # none recorded: no mention
+    csv = pd.read_csv(tmp_path / "reports" / "iteration_time.csv")
+    assert csv.set_index("system").loc["deepspeed_moe", "exposed_ms"] == pytest.approx(5.0)
+    assert "exposed communication" in rep.iteration_markdown
+
+
 def test_speedup_is_baseline_over_system_with_interval(tmp_path):
     write(tmp_path, "a.json", [
         make_trial("torch_reference", (0.020, 0.020, 0.020)),

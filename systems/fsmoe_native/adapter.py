@@ -33,11 +33,12 @@ OPTIONS = {
 }
 
 
-def layer_work(shape: LayerShape, knobs: MoEKnobs, num_tokens: int) -> LayerWork:
-    """FSMoE's work terms for this rank's step: f = top-k x capacity factor (dropless: top-k)."""
+def layer_work(shape: LayerShape, knobs: MoEKnobs, num_tokens: int, ep: int = 1) -> LayerWork:
+    """FSMoE's work terms for this rank's step: f = top-k x capacity factor (dropless: top-k); es the
+    ranks sharing each expert (ep > E)."""
     cf = knobs.capacity_factor if knobs.capacity_factor else 1.0
     return LayerWork(f=shape.top_k * cf, b=1, s=num_tokens, m=shape.model_dim, h=shape.ffn_dim,
-                     n_gemm=3 if shape.activation == "swiglu" else 2)
+                     es=max(1, ep // shape.num_experts), n_gemm=3 if shape.activation == "swiglu" else 2)
 
 
 class FSMoENativeLayer(TutelNativeLayer):
@@ -57,9 +58,9 @@ class FSMoENativeLayer(TutelNativeLayer):
         if self.parallel.ep == 1 or self._schedule is not None:
             return
         started = time.perf_counter()
-        work = layer_work(self.shape, self.knobs, num_tokens)
+        work = layer_work(self.shape, self.knobs, num_tokens, self.parallel.ep)
         profile = _profile(work, self.parallel.ep, self.layer.num_local_experts, self.knobs.torch_dtype,
-                           self.layer.group)
+                           self.layer.group, self._intra_group())
         choices = [choose_degree(profile, work, backward) for backward in (False, True)]
         degrees = [c.chosen if auto else fixed for c, auto, fixed in
                    zip(choices, self.auto, (self.layer.forward_degree, self.layer.backward_degree), strict=True)]
@@ -73,6 +74,15 @@ class FSMoENativeLayer(TutelNativeLayer):
                           "given": [not auto for auto in self.auto], "backward_gap_ms": self.backward_gap_ms,
                           "wall_s": time.perf_counter() - started}
 
+    def _intra_group(self):
+        """The process group of the ranks sharing this rank's expert (None without sharding)."""
+        if self.layer.sharded_count == 1:
+            return None
+        from systems.tutel_native.comm import subgroup
+        from systems.tutel_native.parallel import layer_shard_plan
+
+        return subgroup(layer_shard_plan(self.layer).expert_ranks())
+
     def tuning_report(self) -> dict | None:
         report = dict(super().tuning_report() or {})
         report["fsmoe_schedule"] = self._schedule or {
@@ -84,13 +94,13 @@ class FSMoENativeLayer(TutelNativeLayer):
 _PROFILES: dict[tuple, object] = {}
 
 
-def _profile(work: LayerWork, ep: int, num_local: int, dtype, group):
+def _profile(work: LayerWork, ep: int, num_local: int, dtype, group, intra_group):
     """Profiling runs collectives: every rank reaches this with the same key, in the same order."""
     from systems.fsmoe_native.profiling import profile_layer
 
     key = (tuple(vars(work).items()), ep, num_local, str(dtype))
     if key not in _PROFILES:
-        _PROFILES[key] = profile_layer(work, ep, num_local, dtype, group=group)
+        _PROFILES[key] = profile_layer(work, ep, num_local, dtype, group=group, intra_group=intra_group)
     return _PROFILES[key]
 
 
@@ -99,7 +109,7 @@ class FSMoENative(TutelNative):
     description = ("FSMoE-style scheduled MoE on tutel_native's layer: per-direction pipeline degrees from a "
                    "profiled cost model")
     options = OPTIONS
-    shards_experts = False
+    shards_experts = True  # ep > E: FSMoE's expert sharding (pipeline.py)
 
     def check_support(self, shape: LayerShape, knobs: MoEKnobs, parallel: ParallelSpec) -> Availability:
         common = super().check_support(shape, knobs, parallel)
@@ -115,9 +125,6 @@ class FSMoENative(TutelNative):
         if parallel.ep == 1:
             return Availability.no("fsmoe_native schedules the expert-parallel communication; at one rank it is "
                                    "tutel_native's layer (run it with --ep 2 or more)")
-        if parallel.ep > shape.num_experts:
-            return Availability.no(f"fsmoe_native pipelines whole experts per rank; ep {parallel.ep} > "
-                                   f"{shape.num_experts} experts would shard them (not supported yet)")
         return Availability.yes()
 
     def gradient_sync(self, parallel: ParallelSpec, layers):

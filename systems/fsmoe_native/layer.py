@@ -12,6 +12,7 @@ import torch
 
 from systems.fsmoe_native.pipeline import Schedule, pipelined_experts
 from systems.fsmoe_native.schedule import DEGREES
+from systems.tutel_native.comm import subgroup
 from systems.tutel_native.layer import MoELayer
 from systems.tutel_native.parallel import layer_exchange, layer_expert_fn, layer_shard_plan
 
@@ -31,18 +32,21 @@ class FSMoELayer(MoELayer):
     def _expert_step(self, dispatched_RM: torch.Tensor, plan) -> torch.Tensor:
         if self.world_size == 1:
             return super()._expert_step(dispatched_RM, plan)
-        if self.sharded_count > 1 or not hasattr(self.experts, "compute_rows"):
-            raise NotImplementedError("fsmoe_native pipelines whole built-in experts per rank (no sharded or "
-                                      "custom experts yet)")
+        if not hasattr(self.experts, "compute_rows"):
+            raise NotImplementedError("fsmoe_native pipelines built-in experts (ffn, llama_ffn), not custom ones")
         shards = layer_shard_plan(self)
-        E, C = self.num_global_experts, plan.capacity
-        weights = layer_expert_fn(self, shards, 1)
+        E, C, sc = self.num_global_experts, plan.capacity, shards.sharded_count
+        # Sharded: this rank's hidden slice of its expert (Tutel's degree r = sc: ffn shards are slices
+        # already; llama_ffn's flat shards are gathered and cut each step).
+        weights = layer_expert_fn(self, shards, sc)
         schedule = Schedule(shards.world, shards.num_local_experts, self.forward_degree, self.backward_degree,
-                            layer_exchange(self), weights.kind, weights.activation)
+                            layer_exchange(self), weights.kind, weights.activation, sharded=sc,
+                            intra_group=subgroup(shards.expert_ranks()) if sc > 1 else None)
         if weights.kind == "llama_ffn":
             args = (weights.w1, weights.w2, weights.w3, None, None)
         else:
-            args = (weights.w1, None, weights.w2, weights.b1, weights.b2)
+            b2 = None if weights.b2 is None else weights.b2 * weights.b2_scale  # added by one holder only
+            args = (weights.w1, None, weights.w2, weights.b1, b2)
         self.phase_clock.tick("a2a")
         Y_ECO = pipelined_experts(dispatched_RM.view(E, C, -1), schedule, *args)
         self.phase_clock.tick("experts")

@@ -60,23 +60,39 @@ def _allreduce_ms(numel: int, dtype, gen, group) -> float:
     return _slowest_ms(lambda: dist.all_reduce(grad, group=group), group)
 
 
-def profile_layer(work: LayerWork, world: int, num_local: int, dtype: torch.dtype, group=None,
-                  gemm_width: tuple[int, int] | None = None) -> Profile:
-    """Time the all-to-all, the expert GEMMs and the all-reduce at FRACTIONS of the layer's work.
+def _intra_ms(kind: str, rows: int, width: int, size: int, dtype, gen, group, intra) -> float:
+    """All-gather (rows per holder in, size x rows out) or reduce-scatter (the reverse) on `intra`."""
+    small = torch.randn(rows, width, generator=gen, dtype=dtype)
+    big = torch.randn(size * rows, width, generator=gen, dtype=dtype)
+    if kind == "allgather":
+        return _slowest_ms(lambda: dist.all_gather_into_tensor(big, small, group=intra), group)
+    return _slowest_ms(lambda: dist.reduce_scatter_tensor(small, big, group=intra), group)
 
-    gemm_width: (M, H) of one expert (default: the work's m and h)."""
-    width = gemm_width or (work.m, work.h)
+
+def profile_layer(work: LayerWork, world: int, num_local: int, dtype: torch.dtype, group=None,
+                  gemm_width: tuple[int, int] | None = None, intra_group=None) -> Profile:
+    """Time the all-to-all, the expert GEMMs and the all-reduce at FRACTIONS of the layer's work, and with
+    sharded experts (work.es > 1) the all-gather and reduce-scatter among an expert's holders.
+
+    gemm_width: (M, H) of one expert's slice on this rank (default: the work's m and h / es)."""
+    width = gemm_width or (work.m, work.h // work.es)
     points: dict[str, list] = {"a2a": [], "gemm": [], "allreduce": []}
+    if work.es > 1:
+        points.update(allgather=[], reducescatter=[])
     gen = torch.Generator().manual_seed(0)
     element = torch.empty((), dtype=dtype).element_size()
     for frac in FRACTIONS:
         tokens = max(world, int(work.tokens * frac) // world * world)  # rows: a multiple of the ranks
-        rows = max(1, tokens // num_local)
+        rows = max(1, work.es * tokens // num_local)  # sharded: a holder computes its partners' rows too
         points["a2a"].append([tokens * width[0], _a2a_ms(tokens, width[0], dtype, gen, group)])
         points["gemm"].append([num_local * rows * width[0] * width[1] * work.n_gemm,
                                _gemm_ms(num_local, rows, width, work.n_gemm, dtype, gen, group)])
         points["allreduce"].append([tokens * width[0] * element, _allreduce_ms(tokens * width[0], dtype, gen, group)])
+        if work.es > 1:  # a holder all-gathers the rows its es partners received: es x tokens rows
+            for kind in ("allgather", "reducescatter"):
+                points[kind].append([work.es * tokens * width[0],
+                                     _intra_ms(kind, tokens, width[0], work.es, dtype, gen, group, intra_group)])
     costs = {op: fit([tuple(p) for p in pts]) for op, pts in points.items()}
-    # No sharded experts yet: the intra-node collectives do not run (schedule.py gives them no work).
-    costs["allgather"] = costs["reducescatter"] = costs["a2a"]
+    if work.es == 1:  # the intra-node collectives do not run (schedule.py gives them no work)
+        costs["allgather"] = costs["reducescatter"] = costs["a2a"]
     return Profile(costs, points)

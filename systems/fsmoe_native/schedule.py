@@ -5,14 +5,18 @@ FSMoE (ASPLOS'25, arXiv 2501.10714) splits an MoE layer into operations, models 
 pipeline degree d (chunks that pipeline communication with expert compute) from {1, 2, 4, 8}
 separately for forward and backward. This module is our own formulation of that method.
 
-Work terms (FSMoE's, per layer and rank): f = top-k x capacity factor, b micro-batch, s
-sequence, m model width, h expert hidden width, es expert-sharding degree:
+Work terms, per layer and rank: f = top-k x capacity factor, b micro-batch, s sequence, m model
+width, h expert hidden width, es expert-sharding degree. FSMoE's are a2a f*b*s*m/es, all-gather
+and reduce-scatter f*b*s*m, GEMMs f*b*s*m*h/es * n_gemm, all-reduce g: there the es ranks of a
+sharding group split the tokens. Ours follow our layout (pipeline.py), where every rank keeps
+its own f*b*s choices, sends each once, and an expert's es holders all-gather what they received
+and compute it with 1/es of the hidden width:
 
-  all-to-all (dispatch, and again combine)   f*b*s*m / es
-  all-gather, reduce-scatter (sharded experts) f*b*s*m
-  expert GEMMs                                f*b*s*m*h / es * n_gemm   (x2 in backward: data and
-                                                                          weight gradients)
-  gradient all-reduce                         g (bytes of replicated gradients)
+  all-to-all (dispatch, and again combine)     f*b*s*m
+  all-gather, reduce-scatter (sharded experts) es*f*b*s*m
+  expert GEMMs                                 f*b*s*m*h * n_gemm   (x2 in backward: data and
+                                                                     weight gradients)
+  gradient all-reduce                          g (bytes of replicated gradients)
 
 Three streams run concurrently: the all-to-all stream (dispatch and combine), the intra-node
 stream (all-gather and reduce-scatter, sharded experts only) and the compute stream (GEMMs).
@@ -70,16 +74,16 @@ class LayerWork:
         return self.f * self.b * self.s
 
     def a2a(self) -> float:
-        return self.tokens * self.m / self.es
+        return self.tokens * self.m
 
     def allgather(self) -> float:
-        return self.tokens * self.m if self.es > 1 else 0.0
+        return self.es * self.tokens * self.m if self.es > 1 else 0.0
 
     def reducescatter(self) -> float:
         return self.allgather()
 
     def gemm(self) -> float:
-        return self.tokens * self.m * self.h / self.es * self.n_gemm
+        return self.tokens * self.m * self.h * self.n_gemm
 
 
 @dataclass
