@@ -35,6 +35,11 @@ class SharedExpertLayer(MoELayerAdapter):
         # One dense expert of width S, no biases (as in DeepSeek-V3): the peers' canonical one-expert FFN.
         self.shared = CanonicalFFN(dataclasses.replace(shape, ffn_dim=shape.shared_ffn_dim, expert_bias=False), dtype)
         self.fp64_computed_in_fp32 = routed.fp64_computed_in_fp32
+        # The routed layer's rules for the reference (capacity, drop order, router precision), when it has
+        # any: without them a bf16 check of transformers, DeepSpeed or Megatron plus a shared expert routed
+        # the reference at the input precision, and near-ties among 256 experts flipped.
+        if hasattr(routed, "reference_policy"):
+            self.reference_policy = routed.reference_policy
 
     def load_canonical(self, weights: CanonicalWeights) -> None:
         self.routed.load_canonical(weights.routed_only())
