@@ -127,9 +127,40 @@ def format_comm_table(trials: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+class CollectivesFailed(Exception):
+    """The ranks ended without a result; the message says how."""
+
+
+def run_collectives(config, ops: list[str], sizes: list[int], iters: int, warmup: int, device: str,
+                    timeout: float) -> dict | None:
+    """Launch the ranks (torchrun) and return rank 0's measurements; None on a node other than 0.
+    Raises CollectivesFailed when they time out or exit without a result."""
     from harness import procs
-    from harness.launch import REPO_DIR, LaunchConfig, child_env, trial_command
+    from harness.launch import REPO_DIR, child_env, trial_command
+
+    with tempfile.TemporaryDirectory(prefix="moebench-comm-") as tmp:
+        spec_path, out_path = Path(tmp) / "comm.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps({"ops": ops, "sizes": sizes, "iters": iters, "warmup": warmup,
+                                         "device": device}))
+        argv = trial_command(config, spec_path, out_path, 0, timeout, module="harness.comm")
+        with open(Path(tmp) / "stderr", "wb") as err:
+            # timeout or Ctrl-C kills torchrun and every rank (harness/procs.py); Ctrl-C is re-raised
+            rc = procs.run(argv, timeout, cwd=REPO_DIR, env=child_env(config), stdout=subprocess.DEVNULL,
+                           stderr=err).returncode
+        if rc is None:
+            raise CollectivesFailed(f"no result after {timeout:g} s; ranks killed")
+        if config.node_rank != 0:
+            if rc != 0:
+                raise CollectivesFailed(f"this node's ranks exited with code {rc}")
+            return None
+        if not out_path.exists():
+            tail = (Path(tmp) / "stderr").read_text(errors="replace").strip().splitlines()[-5:]
+            raise CollectivesFailed(f"ranks exited with code {rc} without a result: {' | '.join(tail)}")
+        return json.loads(out_path.read_text())
+
+
+def run(args: argparse.Namespace) -> int:
+    from harness.launch import LaunchConfig
     from harness.schema import new_document, write_atomic
 
     ops, sizes = _validate(args)
@@ -137,30 +168,17 @@ def run(args: argparse.Namespace) -> int:
                           rdzv_endpoint=args.rdzv_endpoint, threads_per_rank=args.threads_per_rank)
     with input_errors():  # harness/launch.py says what is wrong with torchrun's flags as a ValueError
         config.validate()
-    with tempfile.TemporaryDirectory(prefix="moebench-comm-") as tmp:
-        spec_path, out_path = Path(tmp) / "comm.json", Path(tmp) / "out.json"
-        spec_path.write_text(json.dumps({"ops": ops, "sizes": sizes, "iters": args.iters,
-                                         "warmup": args.warmup, "device": args.device}))
-        argv = trial_command(config, spec_path, out_path, 0, args.timeout, module="harness.comm")
-        print(f"moebench comm: {config.world_size} ranks, {len(ops)} collectives x {len(sizes)} sizes ...",
-              file=sys.stderr)
-        started = time.monotonic()
-        with open(Path(tmp) / "stderr", "wb") as err:
-            # timeout or Ctrl-C kills torchrun and every rank (harness/procs.py); Ctrl-C is re-raised
-            rc = procs.run(argv, args.timeout, cwd=REPO_DIR, env=child_env(config), stdout=subprocess.DEVNULL,
-                           stderr=err).returncode
-        if rc is None:
-            print(f"moebench comm: error: no result after {args.timeout:g} s; ranks killed", file=sys.stderr)
-            return 1
-        if args.node_rank != 0:
-            print(f"moebench comm: done on node {args.node_rank} (results are written on node 0)")
-            return rc
-        if not out_path.exists():
-            tail = (Path(tmp) / "stderr").read_text(errors="replace").strip().splitlines()[-5:]
-            print(f"moebench comm: error: ranks exited with code {rc} without a result: {' | '.join(tail)}",
-                  file=sys.stderr)
-            return 1
-        raw = json.loads(out_path.read_text())
+    print(f"moebench comm: {config.world_size} ranks, {len(ops)} collectives x {len(sizes)} sizes ...",
+          file=sys.stderr)
+    started = time.monotonic()
+    try:
+        raw = run_collectives(config, ops, sizes, args.iters, args.warmup, args.device, args.timeout)
+    except CollectivesFailed as exc:
+        print(f"moebench comm: error: {exc}", file=sys.stderr)
+        return 1
+    if raw is None:
+        print(f"moebench comm: done on node {args.node_rank} (results are written on node 0)")
+        return 0
     trials = comm_trials(raw, config.nnodes)
     method = {"timer": "perf_counter between barriers, slowest rank per call", "warmup": args.warmup,
               "steps": args.iters, "rounds": 1, "interleaved": False, "calibration": "none",

@@ -1,0 +1,75 @@
+"""The performance model, calibrated on this machine only, against the layer trials measured here.
+
+For every ok layer forward+backward trial in the results files that ran on this
+machine's CPU (same CPU model as the testbed's fingerprint) and whose system the
+model knows: predicted vs measured median step, the relative error, the median
+and largest error, and whether the model orders the systems of each comparison
+as measured (pairwise). Trials from other machines are left out and counted.
+
+Run: .venv/bin/python benchmarks/model_validation.py [RESULTS ...] [--testbed FILE]
+  (default: results/ recursively; the testbed is this machine's calibrated file,
+  `./moebench calibrate` writes it). Writes reports/model_validation.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from harness.files import write_text_atomic  # noqa: E402
+from harness.perfmodel.calibrate import local_testbed_path  # noqa: E402
+from harness.perfmodel.testbed import load_testbed  # noqa: E402
+from harness.perfmodel.validation import checked_trials, summary  # noqa: E402
+from harness.tables import markdown_table  # noqa: E402
+
+
+def results_files(paths: list[str]) -> list[Path]:
+    files = []
+    for p in map(Path, paths):
+        files += sorted(p.rglob("*.json")) if p.is_dir() else [p]
+    return [f for f in files if not f.name.startswith(("comm-", "gate-")) and f.suffix == ".json"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="*", default=["results"])
+    parser.add_argument("--testbed", default=None)
+    parser.add_argument("--out", default="reports/model_validation.md")
+    args = parser.parse_args()
+    testbed = load_testbed(args.testbed or local_testbed_path())
+    cpu = (testbed.fingerprint or {}).get("cpu_model")
+    docs, other_machine = [], 0
+    for path in results_files(args.paths):
+        doc = json.loads(path.read_text())
+        if "trials" not in doc or "environment" not in doc:
+            continue
+        if doc["environment"].get("cpu_model") != cpu:
+            other_machine += len(doc["trials"])
+            continue
+        docs.append(doc)
+    checked, skipped = checked_trials(docs, testbed)
+    s = summary(checked)
+    rows = [(c.group, c.system, f"{c.measured_s * 1e3:.2f}", f"{c.predicted_s * 1e3:.2f}", f"{c.error:+.0%}")
+            for c in sorted(checked, key=lambda c: (c.group, c.system))]
+    command = "python benchmarks/model_validation.py " + " ".join(sys.argv[1:])
+    text = "\n".join([
+        "# Performance model validation", "",
+        f"Command: `{command.strip()}`. Testbed: `{testbed.path.relative_to(ROOT) if testbed.path.is_relative_to(ROOT) else testbed.path}` "
+        f"({testbed.description}), every figure measured on this machine by `moebench calibrate`. Model: "
+        "harness/perfmodel/layer.py (first-order per-op costs, each system's rows, calls and schedule).", "",
+        f"**{s['trials']} layer trials; median |error| {s['median_abs_error']:.0%}, max {s['max_abs_error']:.0%}; "
+        f"the model orders {s['order_agree']} of {s['order_pairs']} system pairs as measured.** "
+        f"Left out: {other_machine} trials measured on other machines, {len(skipped)} of systems the model does "
+        "not know.", "",
+        markdown_table(("comparison", "system", "measured ms", "predicted ms", "error"), rows), ""])
+    write_text_atomic(text, ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

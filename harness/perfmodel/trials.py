@@ -1,0 +1,42 @@
+"""From the harness's trials (a spec about to run, or a record already measured) to the model's cases."""
+from __future__ import annotations
+
+from core.values import LayerShape
+from harness.perfmodel.layer import LayerCase
+from harness.perfmodel.testbed import Testbed
+
+
+def rank_threads(testbed: Testbed, given: int | None, ranks_per_node: int) -> int | None:
+    """Threads per rank on a CPU testbed: as given, else the testbed's cores shared by the node's ranks."""
+    if given:
+        return given
+    cores = (testbed.fingerprint or {}).get("cores")
+    return max(1, int(cores) // max(1, ranks_per_node)) if cores else None
+
+
+def layer_case(system: str, shape: LayerShape, tokens: int, capacity_factor: float | None, dtype: str, ep: int,
+               options: dict, threads: int | None) -> LayerCase:
+    return LayerCase(system=system, tokens=tokens, model_dim=shape.model_dim, ffn_dim=shape.ffn_dim,
+                     num_experts=shape.num_experts, top_k=shape.top_k, gemms_per_expert=shape.gemms_per_expert,
+                     capacity_factor=capacity_factor, shared_ffn_dim=shape.shared_ffn_dim, dtype=dtype, ep=ep,
+                     threads=threads, overlap_degree=options.get("overlap_degree"),
+                     forward_degree=options.get("forward_degree"), backward_degree=options.get("backward_degree"))
+
+
+def case_from_spec(spec, testbed: Testbed) -> LayerCase:
+    """A TrialSpec (harness/trial_spec.py) as `moebench run` would build it."""
+    p = spec.parallel
+    ranks_per_node = max(1, p.world_size // max(1, p.nnodes))
+    return layer_case(spec.system, spec.workload.layer, spec.workload.tokens_per_step, spec.knobs.capacity_factor,
+                      spec.knobs.dtype, p.ep, spec.knobs.options, rank_threads(testbed, p.threads_per_rank, ranks_per_node))
+
+
+def case_from_record(trial: dict) -> LayerCase:
+    """A measured trial from a results file (its workload_spec, knobs, parallel and setup)."""
+    spec = trial["workload_spec"]
+    shape = LayerShape(**spec["layer"])
+    parallel, knobs = trial["parallel"], trial["knobs"]
+    threads = (trial.get("setup") or {}).get("threads_per_rank") or parallel.get("threads_per_rank")
+    return layer_case(trial["system"], shape, spec["batch_size"] * spec["seq_len"], knobs.get("capacity_factor"),
+                      knobs.get("dtype", trial.get("dtype", "float32")), parallel.get("ep", 1),
+                      knobs.get("options") or {}, threads)
