@@ -41,4 +41,11 @@ done
 # Tutel's sharded all-to-all at r = 1 and r = 2); DeepSpeed-MoE and Megatron-Core cannot shard (skipped).
 step ./moebench run --workload mixtral-8x7b --experts 2 --level layer --nproc-per-node 4 --ep 4 \
   --systems fsmoe_native,tutel_native --variant tutel_native:adaptive_r=2 --repeats "$repeats" --out results/fsmoe
+# Ablation: fsmoe_native with both degrees pinned to 1 against tutel_native (d = 1), so what is left
+# between them is the expert step's implementation, not the schedule.
+step ./moebench run --workload mixtral-8x7b,qwen3-30b-a3b --level layer --nproc-per-node 2 --ep 2 \
+  --systems fsmoe_native,tutel_native --variant fsmoe_native:forward_degree=1,backward_degree=1 \
+  --repeats "$repeats" --out results/fsmoe_d1  # its own folder: its trial ids would supersede the paired ones above
 step ./moebench report results/fsmoe --out reports/fsmoe --baseline fsmoe_native --title "fsmoe_native vs the others"
+step ./moebench report results/fsmoe_d1 --out reports/fsmoe_d1 --baseline tutel_native \
+  --title "fsmoe_native at degree 1 vs tutel_native at degree 1"
