@@ -77,10 +77,11 @@ def test_padded_systems_compute_every_capacity_slot_live_ones_the_routed_rows(fl
 
 def test_tutel_searches_the_best_degree_and_fsmoe_takes_given_degrees(flat):
     big = dict(tokens=4096, model_dim=256, ffn_dim=512, ep=2)
-    auto = predict_layer(flat, case("tutel_native", **big))
+    auto = predict_layer(flat, case("tutel_native", tune=True, **big))
     fixed = {d: predict_layer(flat, case("tutel_native", overlap_degree=d, **big)).total_s for d in (1, 2, 4, 8)}
     assert auto.total_s == pytest.approx(min(fixed.values()))
     assert auto.degrees["forward"] == min(fixed, key=fixed.get)
+    assert predict_layer(flat, case("tutel_native", **big)).total_s == pytest.approx(fixed[1])  # no tuner: d = 1
     given = predict_layer(flat, case("fsmoe_native", forward_degree=2, backward_degree=8, **big))
     assert given.degrees == {"forward": 2, "backward": 8}
     for p in (auto, given):

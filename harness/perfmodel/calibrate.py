@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from harness.perfmodel.testbed import COLLECTIVE_OPS
 
 GEMM_REPEATS = 7
+GEMM_SWEEPS = 3
 LARGE_SQUARE = 1024
 COPY_BYTES = 256 << 20
 COMM_SIZES = (4 << 10, 64 << 10, 1 << 20, 4 << 20)
@@ -73,27 +74,33 @@ def workload_gemm_shapes(workload_names: list[str]) -> list[tuple[int, int, int]
     return sorted(shapes)
 
 
-def measure_gemms(shapes: list[tuple[int, int, int]], dtypes: list[str], thread_counts: list[int]) -> list[GemmPoint]:
+def measure_gemms(shapes: list[tuple[int, int, int]], dtypes: list[str], thread_counts: list[int],
+                  sweeps: int = GEMM_SWEEPS) -> list[GemmPoint]:
+    """Each GEMM's rate: the median over `sweeps` passes through all of them, each pass a median of
+    repeats. Passes, not more repeats, because this machine drifts over seconds (two calibrations a
+    minute apart differed by up to 20% at one shape): a drift then moves one pass, not one point."""
+    import statistics
+
     import torch
 
-    points = []
+    keys = [(threads, dtype, shape) for threads in thread_counts for dtype in dtypes for shape in [None, *shapes]]
+    seconds: dict[tuple, list[float]] = {key: [] for key in keys}
     saved_threads = torch.get_num_threads()
     try:
-        for threads in thread_counts:
-            torch.set_num_threads(threads)
-            for dtype in dtypes:
+        for _ in range(sweeps):
+            for threads, dtype, shape in keys:
+                torch.set_num_threads(threads)
                 torch_dtype = getattr(torch, dtype)
-                for shape in [None, *shapes]:
-                    m, n, k = shape or (LARGE_SQUARE,) * 3
-                    a = torch.randn(m, k, dtype=torch_dtype)
-                    b = torch.randn(k, n, dtype=torch_dtype)
-                    out = torch.empty(m, n, dtype=torch_dtype)
-                    repeats = GEMM_REPEATS if m * n * k > 1 << 24 else GEMM_REPEATS * 4
-                    seconds = _median_seconds(lambda: torch.mm(a, b, out=out), repeats)
-                    points.append(GemmPoint(dtype, threads, shape, 2 * m * n * k / seconds))
+                m, n, k = shape or (LARGE_SQUARE,) * 3
+                a = torch.randn(m, k, dtype=torch_dtype)
+                b = torch.randn(k, n, dtype=torch_dtype)
+                out = torch.empty(m, n, dtype=torch_dtype)
+                repeats = GEMM_REPEATS if m * n * k > 1 << 24 else GEMM_REPEATS * 4
+                seconds[(threads, dtype, shape)].append(_median_seconds(lambda: torch.mm(a, b, out=out), repeats))
     finally:
         torch.set_num_threads(saved_threads)
-    return points
+    return [GemmPoint(dtype, threads, shape, 2 * math.prod(shape or (LARGE_SQUARE,) * 3) / statistics.median(times))
+            for (threads, dtype, shape), times in seconds.items()]
 
 
 def measure_copy_bandwidth(nbytes: int = COPY_BYTES) -> float:
@@ -219,7 +226,7 @@ def render_testbed(name: str, when: str, command: str, fingerprint: dict, device
              "# Regenerate it rather than edit it: the figures are only true of the machine in [testbed.fingerprint].",
              "", "[testbed]", f"name = {_toml_value(name)}", f"description = {_toml_value(description)}",
              f"device = {_toml_value(cpu)}",
-             f"devices_per_node = {devices}", "nodes = 1", "", "[testbed.fingerprint]"]
+             f"devices_per_node = {devices}", "nodes = 1", f"shared_cores = {cores}", "", "[testbed.fingerprint]"]
     lines += [f"{key} = {_toml_value(value)}" for key, value in fingerprint.items()]
     lines += ["", "[overhead]", f"per_call_s = "
               f"{_quantity(per_call_s, 'forward + backward of a 4 x 4 matmul under autograd, divided by its 3 kernels, median of 200')}"]
@@ -233,7 +240,7 @@ def render_testbed(name: str, when: str, command: str, fingerprint: dict, device
         if g.shape:
             lines.append(f"shape = {_toml_value(list(g.shape))}")
         what = "a workload's expert GEMM" if g.shape else f"a {LARGE_SQUARE}^3 GEMM"
-        lines.append(f"flops = {_quantity(g.flops_per_s, f'torch.mm, {what}, {g.threads} thread(s), median')}")
+        lines.append(f"flops = {_quantity(g.flops_per_s, f'torch.mm, {what}, {g.threads} thread(s), median over {GEMM_SWEEPS} passes')}")
     for c in collectives:
         sizes = ", ".join(f"{s >> 10} KiB" for s in c.sizes)
         how = f"gloo on loopback, {c.ranks} ranks, least-squares fit over {sizes} per rank"

@@ -37,7 +37,8 @@ import math
 from dataclasses import dataclass, field
 
 from harness.perfmodel.testbed import Testbed
-from systems.fsmoe_native.schedule import DEGREES, AlphaBeta, LayerWork, Profile, choose_degree, pipelined_ms
+from systems.fsmoe_native.schedule import (DEGREES, AlphaBeta, LayerWork, Profile, choose_degree, chunk_times,
+                                           pipelined_ms)
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -79,7 +80,8 @@ class LayerCase:
     dtype: str = "float32"
     ep: int = 1
     threads: int | None = None  # per rank, CPU testbeds
-    overlap_degree: int | None = None  # tutel: fixed d; None: the best
+    overlap_degree: int | None = None  # tutel: fixed d; None: 1, or the best when `tune`
+    tune: bool = False  # tutel: its adaptive tuner picks d by measuring
     forward_degree: int | None = None  # fsmoe: fixed; None: its choice
     backward_degree: int | None = None
 
@@ -125,7 +127,8 @@ def _profile(testbed: Testbed, case: LayerCase, rows: int) -> Profile:
     """The testbed's costs in fsmoe_native's units: ms per element for communication, per multiply-add
     for the expert GEMMs (at the expert GEMM's own shape)."""
     b = DTYPE_BYTES[case.dtype]
-    per_call = testbed.per_call_s * 1e3
+    share = testbed.compute_share(case.ep, case.threads)
+    per_call = testbed.per_call_s * 1e3 / share
 
     def comm(op: str, ranks: int) -> AlphaBeta:
         if ranks <= 1:
@@ -136,7 +139,7 @@ def _profile(testbed: Testbed, case: LayerCase, rows: int) -> Profile:
 
     rows_per_expert = max(1, rows * case.ep // case.num_experts)
     flops = testbed.gemm_flops(case.dtype, (rows_per_expert, case.ffn_dim // case.sharding, case.model_dim),
-                               threads=case.threads)
+                               threads=case.threads) * share
     calls = case.gemms_per_expert * (1 if traits_of(case.system).gemm_calls == "batched" else case.local_experts)
     return Profile(costs={
         "a2a": comm("all_to_all", case.ep),
@@ -151,11 +154,13 @@ def predict_layer(testbed: Testbed, case: LayerCase) -> LayerPrediction:
     b = DTYPE_BYTES[case.dtype]
     T, M, H, E, k = case.tokens, case.model_dim, case.ffn_dim, case.num_experts, case.top_k
     rows = case.rows_sent(traits)
-    per_call = testbed.per_call_s
-    bandwidth = testbed.memory_bandwidth.value
+    share = testbed.compute_share(case.ep, case.threads)  # ranks sharing cores run slower (testbed.py)
+    per_call = testbed.per_call_s / share
+    bandwidth = testbed.memory_bandwidth.value * share
 
     def gemm_s(m: int, n: int, kk: int, calls: int = 1) -> float:
-        return calls * per_call + 2 * m * n * kk / testbed.gemm_flops(case.dtype, (m, n, kk), threads=case.threads)
+        flops = testbed.gemm_flops(case.dtype, (m, n, kk), threads=case.threads) * share
+        return calls * per_call + 2 * m * n * kk / flops
 
     def memory_s(nbytes: float, calls: int = 1) -> float:
         return calls * per_call + nbytes / bandwidth
@@ -174,10 +179,10 @@ def predict_layer(testbed: Testbed, case: LayerCase) -> LayerPrediction:
 
     profile = _profile(testbed, case, rows)
     work = LayerWork(f=rows / T, b=1, s=T, m=M, h=H // case.sharding, es=case.sharding, n_gemm=case.gemms_per_expert)
-    degrees, notes = _degrees(case, traits, profile, work)
-    forward_ms, _ = pipelined_ms(profile, work, degrees["forward"], backward=False)
-    backward_ms, _ = pipelined_ms(profile, work, degrees["backward"], backward=True)
-    expert_s = (forward_ms + backward_ms) / 1e3
+    degrees, notes = _degrees(case, traits, profile, work, testbed.overlaps_communication)
+    overlap = testbed.overlaps_communication
+    expert_s = (expert_ms(profile, work, degrees["forward"], False, overlap)
+                + expert_ms(profile, work, degrees["backward"], True, overlap)) / 1e3
     gemm_busy_ms = sum(degrees[d] * profile.costs["gemm"].ms(work.gemm() * (2 if d == "backward" else 1) / degrees[d])
                        for d in ("forward", "backward"))
     exposed_s = max(0.0, expert_s - gemm_busy_ms / 1e3) if case.ep > 1 else 0.0
@@ -188,7 +193,18 @@ def predict_layer(testbed: Testbed, case: LayerCase) -> LayerPrediction:
                            degrees=degrees, notes=notes)
 
 
-def _degrees(case: LayerCase, traits: SystemTraits, profile: Profile, work: LayerWork) -> tuple[dict, list[str]]:
+def expert_ms(profile: Profile, work: LayerWork, d: int, backward: bool, overlap: bool) -> float:
+    """dispatch -> experts -> combine at degree d: pipelined where communication runs beside compute,
+    otherwise d chunks one op after another."""
+    if overlap:
+        return pipelined_ms(profile, work, d, backward=backward)[0]
+    return d * sum(chunk_times(profile, work, d, backward).values())
+
+
+def _degrees(case: LayerCase, traits: SystemTraits, profile: Profile, work: LayerWork,
+             overlap: bool) -> tuple[dict, list[str]]:
+    """fsmoe: its own cost model's choice (which assumes overlap, as the system does), or the given
+    degrees; tutel: the given d, the measured best when its tuner runs, else 1 (its default)."""
     if case.ep == 1 or traits.schedule == "sequential":
         return {"forward": 1, "backward": 1}, []
     if traits.schedule == "fsmoe":
@@ -198,5 +214,8 @@ def _degrees(case: LayerCase, traits: SystemTraits, profile: Profile, work: Laye
     if case.overlap_degree:
         d = case.overlap_degree
         return {"forward": d, "backward": d}, [f"tutel overlap degree {d} (given)"]
-    best = min(DEGREES, key=lambda d: (pipelined_ms(profile, work, d)[0] + pipelined_ms(profile, work, d, True)[0], d))
-    return {"forward": best, "backward": best}, [f"tutel overlap degree {best} (the best of {DEGREES})"]
+    if not case.tune:
+        return {"forward": 1, "backward": 1}, ["tutel overlap degree 1 (its default; no tuner)"]
+    best = min(DEGREES, key=lambda d: (expert_ms(profile, work, d, False, overlap)
+                                       + expert_ms(profile, work, d, True, overlap), d))
+    return {"forward": best, "backward": best}, [f"tutel overlap degree {best} (its tuner's best of {DEGREES})"]

@@ -14,6 +14,7 @@ docs/testbeds.md)::
     extends = "other.toml"          # optional: start from that file, override below
     devices_per_node = 8
     nodes = 1
+    shared_cores = 2                # optional, CPU testbeds: the devices are processes on these cores
 
     [overhead]                       # optional: fixed cost of one op call
     per_call_s = { value = 1e-5, kind = "assumed", source = "..." }
@@ -54,7 +55,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 TESTBED_DIR = Path(__file__).resolve().parents[2] / "testbeds"
 
 TOP_KEYS = {"testbed", "memory", "overhead", "gemm", "collective"}
-TESTBED_KEYS = {"name", "description", "extends", "devices_per_node", "nodes", "fingerprint", "device"}
+TESTBED_KEYS = {"name", "description", "extends", "devices_per_node", "nodes", "fingerprint", "device", "shared_cores"}
 MEMORY_KEYS = {"capacity_bytes", "bandwidth_bytes_per_s"}
 OVERHEAD_KEYS = {"per_call_s"}
 GEMM_KEYS = {"dtype", "shape", "threads", "flops", "peak_flops"}
@@ -113,6 +114,7 @@ class Testbed:
     per_call: Quantity | None = None  # fixed cost of one op call (framework dispatch, kernel launch)
     device: str = ""
     fingerprint: dict | None = None
+    shared_cores: int | None = None  # CPU testbeds: the ranks are processes sharing these cores
 
     @property
     def per_call_s(self) -> float:
@@ -121,6 +123,19 @@ class Testbed:
     @property
     def devices(self) -> int:
         return self.devices_per_node * self.nodes
+
+    @property
+    def overlaps_communication(self) -> bool:
+        """Whether communication can run beside compute. Not where the ranks share cores: loopback
+        collectives are copies done by the same cores the GEMMs need."""
+        return self.shared_cores is None
+
+    def compute_share(self, ranks_on_node: int, threads_per_rank: int | None) -> float:
+        """The share of its measured (uncontended) rates one rank gets: all of them on a device of its
+        own; cores / (ranks x threads) when more threads than cores run at once."""
+        if self.shared_cores is None:
+            return 1.0
+        return min(1.0, self.shared_cores / (max(1, ranks_on_node) * max(1, threads_per_rank or 1)))
 
     def quantities(self) -> list[tuple[str, Quantity]]:
         """Every number with a label, for a listing of what a prediction rests on."""
@@ -350,4 +365,5 @@ def _build(path: Path, data: dict) -> Testbed:
                    memory_bandwidth=r.quantity(memory, "bandwidth_bytes_per_s", "memory"),
                    gemm=tuple(rates), collectives=tuple(collectives), device=str(head.get("device", "")),
                    per_call=r.quantity(overhead, "per_call_s", "overhead") if overhead else None,
-                   fingerprint=fingerprint)
+                   fingerprint=fingerprint,
+                   shared_cores=r.integer(head, "shared_cores", "testbed") if "shared_cores" in head else None)

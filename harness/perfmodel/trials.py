@@ -19,7 +19,7 @@ def layer_case(system: str, shape: LayerShape, tokens: int, capacity_factor: flo
     return LayerCase(system=system, tokens=tokens, model_dim=shape.model_dim, ffn_dim=shape.ffn_dim,
                      num_experts=shape.num_experts, top_k=shape.top_k, gemms_per_expert=shape.gemms_per_expert,
                      capacity_factor=capacity_factor, shared_ffn_dim=shape.shared_ffn_dim, dtype=dtype, ep=ep,
-                     threads=threads, overlap_degree=options.get("overlap_degree"),
+                     threads=threads, overlap_degree=options.get("overlap_degree"), tune=bool(options.get("tune")),
                      forward_degree=options.get("forward_degree"), backward_degree=options.get("backward_degree"))
 
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The measured trials the performance model is validated against (benchmarks/model_validation.py):
+# layer forward+backward, fp32, the classic mixtral-8x7b and the fine-grained qwen3-30b-a3b proxies,
+# every system available here, EP 1, 2 and 4 on gloo; then this machine's calibration, taken right
+# after the trials so both see the machine in the same state, then the report.
+#
+#   benchmarks/model_validation_runs.sh [--repeats N] [--dry-run]
+#
+# Run it with nothing else on the machine (about 30 minutes on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+repeats=3 dry_run=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --repeats) repeats="$2"; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    *) echo "model_validation_runs.sh: unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
+  esac
+done
+
+step() {  # print a command; run it unless --dry-run
+  echo "+ $*"
+  if [ "$dry_run" = 0 ]; then "$@"; fi
+}
+
+WORKLOADS=mixtral-8x7b,qwen3-30b-a3b
+step ./moebench run --workload "$WORKLOADS" --level layer --repeats "$repeats" --out results/validation
+for ep in 2 4; do
+  step ./moebench run --workload "$WORKLOADS" --level layer --nproc-per-node "$ep" --ep "$ep" \
+    --systems tutel_native,fsmoe_native,deepspeed_moe,megatron_core,torch_reference \
+    --repeats "$repeats" --out results/validation
+done
+step ./moebench calibrate
+step .venv/bin/python benchmarks/model_validation.py results/validation
