@@ -34,6 +34,18 @@ def results_files(paths: list[str]) -> list[Path]:
     return [f for f in files if not f.name.startswith(("comm-", "gate-")) and f.suffix == ".json"]
 
 
+def by_workload(checked) -> list[tuple]:
+    groups: dict[str, list] = {}
+    for c in checked:
+        groups.setdefault(c.group.split()[0], []).append(c)
+    rows = []
+    for name, items in sorted(groups.items()):
+        s = summary(items)
+        rows.append((name, s["trials"], f"{s['median_abs_error']:.0%}", f"{s['max_abs_error']:.0%}",
+                     f"{s['order_agree']} of {s['order_pairs']}"))
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="*", default=["results"])
@@ -65,6 +77,9 @@ def main() -> int:
         f"the model orders {s['order_agree']} of {s['order_pairs']} system pairs as measured.** "
         f"Left out: {other_machine} trials measured on other machines, {len(skipped)} of systems the model does "
         "not know.", "",
+        "By workload (the first word of each comparison):", "",
+        markdown_table(("workload", "trials", "median abs error", "max abs error", "pairs ordered as measured"),
+                       by_workload(checked)), "",
         markdown_table(("comparison", "system", "measured ms", "predicted ms", "error"), rows), ""])
     write_text_atomic(text, ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out))
     print(text)

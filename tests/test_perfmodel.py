@@ -151,3 +151,27 @@ def test_every_measured_layer_trial_of_a_results_file_gets_a_prediction(flat):
     assert all(c.predicted_s > 0 and c.measured_s > 0 for c in checked)
     s = summary(checked)
     assert s["trials"] == len(checked) and 0 <= s["order_agree"] <= s["order_pairs"]
+
+
+def test_ranks_sharing_cores_compute_slower_and_overlap_nothing(tmp_path):
+    """shared_cores = 2: four one-thread ranks get half their rates, and the all-to-alls add up
+    with the GEMMs instead of hiding behind them: at d = 4, each of 4 chunks pays its latencies."""
+    (tmp_path / "flat.toml").write_text(FLAT)
+    (tmp_path / "cpu.toml").write_text('[testbed]\nname = "cpu"\nextends = "flat.toml"\ndevices_per_node = 8\n'
+                                       'shared_cores = 2\n')
+    flat, cpu = load_testbed(tmp_path / "flat.toml"), load_testbed(tmp_path / "cpu.toml")
+    assert cpu.compute_share(4, 1) == 0.5 and cpu.compute_share(2, 1) == 1.0 and flat.compute_share(4, 1) == 1.0
+    T, M, H, E, k, g = 256, 32, 16, 4, 2, 3
+    rows, flops, lat, bw = T * k, 1e10, 1e-4, 1e8
+    one_rank = predict_layer(cpu, case("tutel_native", tokens=T, ep=1, threads=1))
+    four = predict_layer(cpu, case("tutel_native", tokens=T, ep=4, threads=1, overlap_degree=4))
+    assert four.phases_s["gate"] == pytest.approx(2 * one_rank.phases_s["gate"], rel=1e-6)  # half the rate
+    d, share = 4, 0.5
+    a2a_chunk = lat + 4 * rows * M / d * (3 / 4) / bw  # latency + fp32 bytes leaving the rank / bus bandwidth
+    gemm_chunk = g * 1e-12 / share + 2 * rows * M * H * g / d / (flops * share)  # calls + MACs, forward
+    want_forward = d * (2 * a2a_chunk + gemm_chunk)
+    want_backward = d * (2 * a2a_chunk + g * 1e-12 / share + 2 * 2 * rows * M * H * g / d / (flops * share))
+    assert four.phases_s["experts and all-to-all"] == pytest.approx(want_forward + want_backward, rel=1e-6)
+    assert four.exposed_comm_s == pytest.approx(2 * d * 2 * a2a_chunk, rel=1e-6)
+    overlapped = predict_layer(flat, case("tutel_native", tokens=T, ep=4, threads=1, overlap_degree=4))
+    assert overlapped.phases_s["experts and all-to-all"] < four.phases_s["experts and all-to-all"]

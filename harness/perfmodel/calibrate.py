@@ -22,10 +22,12 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from harness.perfmodel.testbed import COLLECTIVE_OPS
+from harness.perfmodel.testbed import COLLECTIVE_OPS, DTYPE_BYTES
 
 GEMM_REPEATS = 7
 GEMM_SWEEPS = 3
+ROTATION_BYTES = 64 << 20
+MAX_ROTATION = 128
 LARGE_SQUARE = 1024
 COPY_BYTES = 256 << 20
 COMM_SIZES = (4 << 10, 64 << 10, 1 << 20, 4 << 20)
@@ -79,8 +81,6 @@ def measure_gemms(shapes: list[tuple[int, int, int]], dtypes: list[str], thread_
     """Each GEMM's rate: the median over `sweeps` passes through all of them, each pass a median of
     repeats. Passes, not more repeats, because this machine drifts over seconds (two calibrations a
     minute apart differed by up to 20% at one shape): a drift then moves one pass, not one point."""
-    import statistics
-
     import torch
 
     keys = [(threads, dtype, shape) for threads in thread_counts for dtype in dtypes for shape in [None, *shapes]]
@@ -90,17 +90,39 @@ def measure_gemms(shapes: list[tuple[int, int, int]], dtypes: list[str], thread_
         for _ in range(sweeps):
             for threads, dtype, shape in keys:
                 torch.set_num_threads(threads)
-                torch_dtype = getattr(torch, dtype)
-                m, n, k = shape or (LARGE_SQUARE,) * 3
-                a = torch.randn(m, k, dtype=torch_dtype)
-                b = torch.randn(k, n, dtype=torch_dtype)
-                out = torch.empty(m, n, dtype=torch_dtype)
-                repeats = GEMM_REPEATS if m * n * k > 1 << 24 else GEMM_REPEATS * 4
-                seconds[(threads, dtype, shape)].append(_median_seconds(lambda: torch.mm(a, b, out=out), repeats))
+                seconds[(threads, dtype, shape)].append(_gemm_seconds(shape, getattr(torch, dtype)))
     finally:
         torch.set_num_threads(saved_threads)
     return [GemmPoint(dtype, threads, shape, 2 * math.prod(shape or (LARGE_SQUARE,) * 3) / statistics.median(times))
             for (threads, dtype, shape), times in seconds.items()]
+
+
+def operand_sets(shape: tuple[int, int, int] | None, element_bytes: int) -> int:
+    """How many distinct (x, w) pairs a shaped GEMM rotates through: enough to overflow the caches
+    (ROTATION_BYTES), at most MAX_ROTATION. An MoE layer's experts each bring their own weight, so
+    one operand pair reused from cache measured small expert GEMMs 25-35% too fast."""
+    if shape is None:
+        return 1
+    m, n, k = shape
+    return max(1, min(MAX_ROTATION, math.ceil(ROTATION_BYTES / ((m * k + k * n) * element_bytes))))
+
+
+def _gemm_seconds(shape: tuple[int, int, int] | None, torch_dtype) -> float:
+    """Median seconds of one GEMM of `shape` (None: the large square), rotating over operand sets."""
+    import torch
+
+    m, n, k = shape or (LARGE_SQUARE,) * 3
+    sets = operand_sets(shape, torch.tensor([], dtype=torch_dtype).element_size())
+    xs = [torch.randn(m, k, dtype=torch_dtype) for _ in range(sets)]
+    ws = [torch.randn(k, n, dtype=torch_dtype) for _ in range(sets)]
+    outs = [torch.empty(m, n, dtype=torch_dtype) for _ in range(sets)]
+
+    def rotation():
+        for x, w, out in zip(xs, ws, outs):
+            torch.mm(x, w, out=out)
+
+    repeats = GEMM_REPEATS if m * n * k * sets > 1 << 24 else GEMM_REPEATS * 4
+    return _median_seconds(rotation, repeats) / sets
 
 
 def measure_copy_bandwidth(nbytes: int = COPY_BYTES) -> float:
@@ -239,7 +261,8 @@ def render_testbed(name: str, when: str, command: str, fingerprint: dict, device
         lines += ["", "[[gemm]]", f"dtype = {_toml_value(g.dtype)}", f"threads = {g.threads}"]
         if g.shape:
             lines.append(f"shape = {_toml_value(list(g.shape))}")
-        what = "a workload's expert GEMM" if g.shape else f"a {LARGE_SQUARE}^3 GEMM"
+        what = (f"a workload's expert GEMM, rotating over {operand_sets(g.shape, DTYPE_BYTES[g.dtype])} operand sets"
+                if g.shape else f"a {LARGE_SQUARE}^3 GEMM")
         lines.append(f"flops = {_quantity(g.flops_per_s, f'torch.mm, {what}, {g.threads} thread(s), median over {GEMM_SWEEPS} passes')}")
     for c in collectives:
         sizes = ", ".join(f"{s >> 10} KiB" for s in c.sizes)

@@ -36,11 +36,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from harness.perfmodel.testbed import Testbed
+from harness.perfmodel.testbed import DTYPE_BYTES, Testbed
 from systems.fsmoe_native.schedule import (DEGREES, AlphaBeta, LayerWork, Profile, choose_degree, chunk_times,
                                            pipelined_ms)
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)

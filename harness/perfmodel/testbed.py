@@ -52,6 +52,7 @@ KINDS = ("measured", "datasheet", "assumed")
 SCOPES = ("intra_node", "inter_node")
 COLLECTIVE_OPS = ("all_to_all", "all_gather", "reduce_scatter", "all_reduce")
 DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 TESTBED_DIR = Path(__file__).resolve().parents[2] / "testbeds"
 
 TOP_KEYS = {"testbed", "memory", "overhead", "gemm", "collective"}
