@@ -185,6 +185,7 @@ def _trial_row(doc: dict, trial: dict) -> dict:
         "q3_ms": summary["q3"] * to_ms if summary else None,
         "iqr_ms": summary["iqr"] * to_ms if summary else None,
         "exposed_ms": statistics.median(trial["exposed_comm_s"]) * to_ms if trial.get("exposed_comm_s") else None,
+        **_prediction_columns(trial.get("prediction"), summary),
         "outliers": (summary["outliers_low"] + summary["outliers_high"]) if summary else None,
         "check_passed": None if check is None else bool(check["passed"]),
         "calibration_ms": _median_calibration_ms(trial.get("rounds") or []),
@@ -193,6 +194,15 @@ def _trial_row(doc: dict, trial: dict) -> dict:
         "executed_tflops": throughput.get("executed_tflops"),
         "samples_s": list(trial["samples_s"]),
     }
+
+
+def _prediction_columns(prediction: dict | None, summary: dict | None) -> dict:
+    """The model's step time (`run --predict`) and its signed error against the measured median."""
+    if not prediction:
+        return {"predicted_ms": None, "prediction_error": None, "testbed": None}
+    measured = summary["median"] if summary else None
+    return {"predicted_ms": prediction["step_s"] * 1000.0, "testbed": prediction["testbed"],
+            "prediction_error": prediction["step_s"] / measured - 1 if measured else None}
 
 
 def trials_frame(docs: list[dict]):
@@ -282,6 +292,9 @@ def iteration_cell(record: dict | None) -> str:
     exposed = record.get("exposed_ms")
     if exposed is not None and exposed == exposed:  # NaN: the frame's missing value
         cell += f" (comm {format_ms(exposed, like=record['median_ms'])})"
+    error = record.get("prediction_error")
+    if error is not None and error == error:
+        cell += f" [model {format_ms(record['predicted_ms'], like=record['median_ms'])}, {error:+.0%}]"
     return cell + (f" {CHECK_FAILED_MARK}" if record["check_passed"] is False else "")
 
 
@@ -415,7 +428,9 @@ ITERATION_LEGEND = (
     f"{CHECK_FAILED_MARK} marks a system whose output failed the equivalence check against the reference. "
     "(comm X): on multi-rank CPU runs, the median exposed communication of a step in ms: the time the step's "
     "thread spent blocked in torch.distributed collectives and their waits, i.e. communication no compute "
-    "overlapped (harness/exposed_comm.py), on the rank whose step was the slowest."
+    "overlapped (harness/exposed_comm.py), on the rank whose step was the slowest. [model X, +E%]: the "
+    "performance model's predicted step (run --predict; the testbed is in the CSV) and its error against the "
+    "measured median (docs/performance-model.md)."
 )
 
 
@@ -505,7 +520,7 @@ def choose_baseline(frame, requested: str | None) -> str | None:
 
 def _csv_iteration(frame):
     columns = ["id", *KEY_COLUMNS, "work", "system", "status", "n", "median_ms", "q1_ms", "q3_ms", "iqr_ms", "outliers",
-               "exposed_ms", "calibration_ms", "tokens_per_s", "useful_tflops", "executed_tflops", "check_passed", "run_id",
+               "exposed_ms", "predicted_ms", "prediction_error", "testbed", "calibration_ms", "tokens_per_s", "useful_tflops", "executed_tflops", "check_passed", "run_id",
                "created_utc", "message"]
     table = frame[columns].sort_values(["id"])
     return table.astype({"n": "Int64", "outliers": "Int64", "check_passed": "boolean"})

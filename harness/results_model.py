@@ -140,6 +140,17 @@ class Round(_Open):
     exposed_comm_median_s: float | None = Field(None, description="median of the round's exposed communication")
 
 
+class Prediction(_Open):
+    """The performance model's figures for this trial (`run --predict`), beside what was measured."""
+
+    testbed: str = Field(description="the testbed file's name (testbeds/*.toml)")
+    model: str = Field(description="which model made it (harness/perfmodel/...)")
+    step_s: float = Field(description="predicted step time, seconds")
+    exposed_comm_s: float
+    phases_s: dict[Any, float]
+    degrees: dict[Any, int]
+
+
 class Summary(_Open):
     """Statistics of samples_s (numpy linear quantiles; outliers beyond 1.5 IQR)."""
 
@@ -220,6 +231,7 @@ class Trial(_Open):
     work_key: str | None = Field(None, description="digest of the work without the system: equal keys, same work")
     setup: dict[Any, Any] | None = Field(None, description="method settings that change what a trial measures")
     plugins: list[str] | None = Field(None, description="the plugin reference a plugin system was loaded from")
+    prediction: Prediction | None = Field(None, description="the performance model's prediction (run --predict)")
 
     @model_validator(mode="after")
     def _ok_means_measured(self) -> Trial:

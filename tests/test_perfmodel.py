@@ -175,3 +175,45 @@ def test_ranks_sharing_cores_compute_slower_and_overlap_nothing(tmp_path):
     assert four.exposed_comm_s == pytest.approx(2 * d * 2 * a2a_chunk, rel=1e-6)
     overlapped = predict_layer(flat, case("tutel_native", tokens=T, ep=4, threads=1, overlap_degree=4))
     assert overlapped.phases_s["experts and all-to-all"] < four.phases_s["experts and all-to-all"]
+
+
+def test_run_predict_stores_the_model_beside_each_trial_and_the_report_shows_its_error(tmp_path):
+    import csv
+    import json
+
+    from harness.perfmodel.trials import case_from_record
+    from harness.results_model import validate
+
+    out = tmp_path / "results"
+    proc = moebench("run", "--workload", "mixtral-8x7b", "--flavor", "debug", "--systems", "tutel_native,deepspeed_moe",
+                    "--repeats", "1", "--warmup", "0", "--steps", "2", "--predict", "h100-node", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "predicted 2 trial(s) on testbed h100-node" in proc.stderr
+    (path,) = out.glob("*.json")
+    doc = json.loads(path.read_text())
+    validate(doc)
+    h100 = load_testbed("h100-node")
+    for trial in doc["trials"]:
+        p = trial["prediction"]
+        assert p["testbed"] == "h100-node" and p["model"] == "harness/perfmodel/layer.py"
+        assert p["step_s"] == pytest.approx(predict_layer(h100, case_from_record(trial)).total_s, rel=1e-12)
+        assert p["step_s"] == pytest.approx(sum(p["phases_s"].values()), rel=1e-9)
+    report = moebench("report", str(out), "--out", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stderr
+    rows = list(csv.DictReader((tmp_path / "report" / "iteration_time.csv").open()))
+    assert len(rows) == 2
+    for row in rows:
+        trial = next(t for t in doc["trials"] if t["id"] == row["id"])
+        assert float(row["predicted_ms"]) == pytest.approx(trial["prediction"]["step_s"] * 1e3)
+        assert float(row["prediction_error"]) == pytest.approx(trial["prediction"]["step_s"]
+                                                                / trial["summary"]["median"] - 1)
+        assert row["testbed"] == "h100-node"
+    assert "[model " in (tmp_path / "report" / "iteration_time.md").read_text()
+
+
+def test_run_predict_with_an_unknown_testbed_stops_before_running(tmp_path):
+    proc = moebench("run", "--workload", "mixtral-8x7b", "--flavor", "debug", "--systems", "tutel_native",
+                    "--predict", "nosuch-testbed", "--out", str(tmp_path))
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "nosuch-testbed" in proc.stderr
+    assert not list(tmp_path.iterdir())

@@ -207,6 +207,7 @@ def test_calibrate_measures_this_machine_into_a_valid_testbed(tmp_path):
     assert {c.op for c in testbed.collectives} == {"all_to_all", "all_gather", "reduce_scatter", "all_reduce"}
     assert all(c.ranks == 2 for c in testbed.collectives)
     assert testbed.fingerprint["cores"] >= 1 and testbed.fingerprint["torch"]
+    assert testbed.shared_cores == testbed.fingerprint["cores"] and not testbed.overlaps_communication
     assert "all_to_all at 2 ranks" in proc.stderr
 
 

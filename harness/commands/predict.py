@@ -11,13 +11,13 @@ HELP = "predict layer step times on a testbed (testbeds/*.toml) from the same fl
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from harness.commands import run
 
-    run.add_arguments(parser)
+    run.add_arguments(parser, with_predict=False)
     parser.add_argument("--testbed", default=None,
                         help="testbed name in testbeds/ or a file (default: this machine's calibrated file, "
                              "testbeds/local-<hash>.toml)")
 
 
-def _default_testbed() -> str:
+def default_testbed() -> str:
     """This machine's calibrated file: the one whose name carries this machine's fingerprint hash."""
     from harness.errors import UsageError
     from harness.perfmodel.calibrate import local_testbed_path
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--mode {args.mode}: the performance model predicts forward+backward steps only")
     if args.dtype not in ("float32", "bfloat16"):
         raise UsageError(f"--dtype {args.dtype}: the performance model predicts float32 and bfloat16 trials")
-    testbed = load_testbed(args.testbed or _default_testbed())
+    testbed = load_testbed(args.testbed or default_testbed())
     world = args.nproc_per_node * args.nnodes
     parallel = ParallelSpec(world_size=world, ep=args.ep, nnodes=args.nnodes, threads_per_rank=args.threads_per_rank)
     parallel.validate()

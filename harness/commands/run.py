@@ -39,7 +39,7 @@ def _one_line_error(message: str) -> None:
     sys.exit(2)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, with_predict: bool = True) -> None:
     parser.error = _one_line_error  # type: ignore[method-assign]
     w = parser.add_argument_group("workload")
     w.add_argument("--workload", help=f"preset name(s), comma-separated, or 'custom' (default {DEFAULT_WORKLOAD})")
@@ -80,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--order-seed", type=int, default=0,
                    help="seed of the random order of trials inside each round (default 0; recorded)")
     m.add_argument("--out", default="results", help="results directory (default results/)")
+    if with_predict:
+        m.add_argument("--predict", nargs="?", const="local", metavar="TESTBED",
+                       help="store the performance model's prediction beside each layer trial it covers, on "
+                            "TESTBED (default: this machine's calibrated file); reports then show the error")
     m.add_argument("--resume", metavar="RUN_ID",
                    help="finish an interrupted run: run only the rounds its journal (OUT/RUN_ID.journal.jsonl) "
                         "lacks, with the settings it started with, then write OUT/RUN_ID.json")
@@ -313,8 +317,9 @@ def run(args: argparse.Namespace) -> int:
     from harness import journal as journals
     from harness import run_plan
 
+    testbed = _predict_testbed(args)  # before anything runs: a bad testbed is a usage error
     if args.resume is not None:
-        return _resume(args)
+        return _resume(args, testbed)
     specs, unavailable = build_specs(args)
     if not args.systems:
         for name, reason in unavailable.items():
@@ -326,14 +331,23 @@ def run(args: argparse.Namespace) -> int:
     journal = None
     if args.node_rank == 0:  # node 0 writes the results, so it keeps the journal
         journal = journals.create(journals.journal_path(args.out, plan["run_id"]), plan)
-    return _report(run_plan.carry_out(plan, journal, args.out))
+    return _report(run_plan.carry_out(plan, journal, args.out), testbed)
+
+
+def _predict_testbed(args: argparse.Namespace):
+    if getattr(args, "predict", None) is None:
+        return None
+    from harness.commands.predict import default_testbed
+    from harness.perfmodel.testbed import load_testbed
+
+    return load_testbed(default_testbed() if args.predict == "local" else args.predict)
 
 
 # Flags --resume may come with: where the journal is, and which plugin files to load.
-RESUME_FLAGS = ("resume", "out", "system_plugin")
+RESUME_FLAGS = ("resume", "out", "system_plugin", "predict")
 
 
-def _resume(args: argparse.Namespace) -> int:
+def _resume(args: argparse.Namespace, testbed=None) -> int:
     from harness import run_plan, schema
     from systems.plugins import register_plugins
 
@@ -350,7 +364,7 @@ def _resume(args: argparse.Namespace) -> int:
     kept = len(journal.rounds)
     journal.note("resumed", utc=schema.utc_stamp(), rounds_kept=kept)
     print(f"moebench run: resuming {journal.run_id}: {kept} finished rounds kept", file=sys.stderr)
-    return _report(run_plan.carry_out(journal.plan, journal, journal.path.parent))
+    return _report(run_plan.carry_out(journal.plan, journal, journal.path.parent), testbed)
 
 
 def _given_flags(argv: list[str]) -> list[str]:
@@ -362,10 +376,29 @@ def _given_flags(argv: list[str]) -> list[str]:
     return list(vars(parser.parse_args(argv)))
 
 
-def _report(outcome) -> int:
+def _report(outcome, testbed=None) -> int:
     from harness import runner
 
+    if outcome.results_path is not None and testbed is not None:
+        covered = add_predictions(outcome.results_path, testbed)
+        print(f"moebench run: predicted {covered} trial(s) on testbed {testbed.name}", file=sys.stderr)
     if outcome.results_path is not None:
         print(runner.format_table(outcome.trials))
         print(f"results: {outcome.results_path}")
     return outcome.exit_code
+
+
+def add_predictions(results_path, testbed) -> int:
+    """Write the model's prediction into each trial of a results file it covers (atomically); how many."""
+    import json
+
+    from harness.files import write_json_atomic
+    from harness.perfmodel.trials import prediction_for_record
+
+    doc = json.loads(Path(results_path).read_text())
+    covered = 0
+    for trial in doc["trials"]:
+        trial["prediction"] = prediction_for_record(trial, testbed)
+        covered += trial["prediction"] is not None
+    write_json_atomic(doc, results_path)
+    return covered

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from core.values import LayerShape
-from harness.perfmodel.layer import LayerCase
+from harness.perfmodel.layer import SYSTEMS, LayerCase, predict_layer
 from harness.perfmodel.testbed import Testbed
 
 
@@ -40,3 +40,19 @@ def case_from_record(trial: dict) -> LayerCase:
     return layer_case(trial["system"], shape, spec["batch_size"] * spec["seq_len"], knobs.get("capacity_factor"),
                       knobs.get("dtype", trial.get("dtype", "float32")), parallel.get("ep", 1),
                       knobs.get("options") or {}, threads)
+
+
+def predictable(trial: dict) -> bool:
+    """Whether the layer model covers this trial: a layer forward+backward of a known system, fp32/bf16."""
+    return (trial.get("level") == "layer" and trial.get("mode") == "forward_backward"
+            and trial.get("system") in SYSTEMS and trial.get("dtype") in ("float32", "bfloat16"))
+
+
+def prediction_for_record(trial: dict, testbed: Testbed) -> dict | None:
+    """The `prediction` entry of a results trial (harness/results_model.py), or None where the model
+    does not cover the trial."""
+    if not predictable(trial):
+        return None
+    p = predict_layer(testbed, case_from_record(trial))
+    return {"testbed": testbed.name, "model": "harness/perfmodel/layer.py", "step_s": p.total_s,
+            "exposed_comm_s": p.exposed_comm_s, "phases_s": dict(p.phases_s), "degrees": dict(p.degrees)}

@@ -12,9 +12,9 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from harness.perfmodel.layer import SYSTEMS, predict_layer
+from harness.perfmodel.layer import predict_layer
 from harness.perfmodel.testbed import Testbed
-from harness.perfmodel.trials import case_from_record
+from harness.perfmodel.trials import case_from_record, predictable
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ def checked_trials(docs: list[dict], testbed: Testbed) -> tuple[list[Checked], l
         for trial in doc.get("trials", []):
             if trial.get("status") != "ok" or trial.get("level") != "layer" or trial.get("mode") != "forward_backward":
                 continue
-            if trial["system"] not in SYSTEMS:
-                skipped.append(f"{trial['id']}: the model does not know {trial['system']}")
+            if not predictable(trial):
+                skipped.append(f"{trial['id']}: the model does not cover {trial['system']} in {trial.get('dtype')}")
                 continue
             case = case_from_record(trial)
             p = predict_layer(testbed, case)
