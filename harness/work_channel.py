@@ -99,25 +99,30 @@ def _gradient_summaries(layers) -> tuple[dict, list[str]]:
 
 
 def record_work(bench, mode: str, dtype: str, device: str) -> dict:
-    """Run the first step of a fresh `bench` (harness.trial.Bench) and record what it computed."""
+    """Run the first step of a fresh `bench` (harness.trial.Bench) and record what it computed; peak
+    memory is the second step's."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from harness.equivalence import CHECKSUM_TOLERANCE, tensor_summary
 
-    with StepMemory(device) as memory, count_all_to_all() as sent, FlopCounterMode(display=False) as flop_counter:
+    with count_all_to_all() as sent, FlopCounterMode(display=False) as flop_counter:
         out = bench.step(0)
     checksums = {"output": tensor_summary(out)}
     if bench.inputs and bench.inputs[0].grad is not None:
         checksums["input_grad"] = tensor_summary(bench.inputs[0].grad)
     grads, notes = _gradient_summaries(bench.layers) if mode == "forward_backward" else ({}, [])
     checksums.update(grads)
-    peak = memory.peak_bytes()
     routing = bench.routing()
     per_layer = routing.get("per_layer") or [routing]
     bench.after()
+    # Memory from the second step: a process's first step also holds one-time allocations (oneDNN
+    # primitives, BLAS buffers) whose size varied by 23% between two processes of the same code.
+    with StepMemory(device) as memory:
+        second = bench.step(1 if mode == "train" else 0)
+    peak = memory.peak_bytes()
     if mode == "train":  # the second step's output shows the update the first step's gradients made
-        checksums["output_after_update"] = tensor_summary(bench.step(1))
-        bench.after()
+        checksums["output_after_update"] = tensor_summary(second)
+    bench.after()
     return {
         "tokens_per_expert": [r["tokens_per_expert"] for r in per_layer],
         "dropped": [r["dropped"] for r in per_layer],
