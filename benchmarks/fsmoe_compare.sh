@@ -13,19 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-repeats=5 dry_run=0
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --repeats) repeats="$2"; shift 2 ;;
-    --dry-run) dry_run=1; shift ;;
-    *) echo "fsmoe_compare.sh: unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
-  esac
-done
-
-step() {  # print a command; run it unless --dry-run
-  echo "+ $*"
-  if [ "$dry_run" = 0 ]; then "$@"; fi
-}
+repeats=5
+source benchmarks/run_steps.sh "$@"
 
 SYSTEMS=fsmoe_native,tutel_native,deepspeed_moe,megatron_core
 TUTEL_D=(--variant tutel_native:overlap_degree=2 --variant tutel_native:overlap_degree=4)

@@ -10,19 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-repeats=3 dry_run=0
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --repeats) repeats="$2"; shift 2 ;;
-    --dry-run) dry_run=1; shift ;;
-    *) echo "model_validation_runs.sh: unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
-  esac
-done
-
-step() {  # print a command; run it unless --dry-run
-  echo "+ $*"
-  if [ "$dry_run" = 0 ]; then "$@"; fi
-}
+repeats=3
+source benchmarks/run_steps.sh "$@"
 
 WORKLOADS=mixtral-8x7b,qwen3-30b-a3b
 step ./moebench run --workload "$WORKLOADS" --level layer --repeats "$repeats" --out results/validation

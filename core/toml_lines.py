@@ -16,6 +16,15 @@ HEADER = re.compile(r"^\s*\[")
 SYNTAX_POSITION = re.compile(r"at line (\d+), column \d+")
 
 
+def read_utf8(path, what: str, error: type[Exception]) -> str:
+    """The text of a hand-written file; unreadable or not UTF-8 is one `error` line naming `what` and path."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise error(f"cannot read {what} {path}: {reason}") from None
+
+
 def line_of_key(lines: list[str], key: str, start: int = 0, end: int | None = None) -> int | None:
     """1-based line of ``key = ...`` within lines[start:end] (0-based, end exclusive); None when absent."""
     pattern = re.compile(rf"^\s*([\"']?){re.escape(key)}\1\s*=")

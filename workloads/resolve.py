@@ -39,7 +39,7 @@ from pathlib import Path
 
 from core.errors import InputError
 from core.names import unknown_name_message
-from core.toml_lines import header_line, key_line, syntax_error_line, syntax_error_text
+from core.toml_lines import header_line, key_line, read_utf8, syntax_error_line, syntax_error_text
 from core.values import COMMON_ROUTER, LayerShape, is_finite_positive
 from workloads.flavors import get_workload
 from workloads.spec import ModelShape, Workload
@@ -116,11 +116,7 @@ def _table_of(key: str) -> str | None:
 
 
 def _read_toml(path: Path) -> tuple[dict, _ConfigText]:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise InputError(f"cannot read workload config {path}: {reason}") from None
+    text = read_utf8(path, "workload config", InputError)
     try:
         return tomllib.loads(text), _ConfigText(path, text)
     except ValueError as exc:  # TOMLDecodeError, or int()'s digit limit on a 5000-digit number

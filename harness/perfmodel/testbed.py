@@ -46,7 +46,7 @@ from pathlib import Path
 
 from core.errors import InputError
 from core.names import unknown_name_message
-from core.toml_lines import syntax_error_line, syntax_error_text
+from core.toml_lines import read_utf8, syntax_error_line, syntax_error_text
 
 KINDS = ("measured", "datasheet", "assumed")
 SCOPES = ("intra_node", "inter_node")
@@ -223,11 +223,7 @@ def load_testbed(name_or_path: str | Path) -> Testbed:
 
 
 def _read_toml(path: Path) -> dict:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise TestbedError(f"cannot read testbed file {path}: {reason}") from None
+    text = read_utf8(path, "testbed file", TestbedError)
     try:
         return tomllib.loads(text)
     except ValueError as exc:
