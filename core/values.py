@@ -114,6 +114,11 @@ class LayerShape:
     def has_common_router(self) -> bool:
         return self.router == COMMON_ROUTER
 
+    @property
+    def has_softmax_router(self) -> bool:
+        """Softmax top-k, renormalised or not: the common router up to renormalisation."""
+        return {**self.router, "renormalize": True} == COMMON_ROUTER
+
     def router_label(self) -> str:
         """A short name of the router: "softmax", "softmax/no-renorm", "sigmoid+bias/g8:4/x2.5"."""
         label = self.score + ("+bias" if self.score_bias else "")

@@ -252,6 +252,15 @@ class MoESystem(ABC):
         return (f"{self.name} routes by softmax top-k renormalised only; this workload's router is "
                 f"{shape.router_label()} (run it with router=softmax for the common softmax variant)")
 
+    @staticmethod
+    def dropless_only(what: str, knobs: MoEKnobs) -> Availability:
+        """For a system without capacity: refuse a capacity-factor trial, which would time other work."""
+        if knobs.capacity_factor is None:
+            return Availability.yes()
+        return Availability.no(f"{what} has no capacity (every choice is computed), so a capacity factor "
+                               f"{knobs.capacity_factor:g} trial would time other work than the rest: run it "
+                               "with --capacity-factor dropless")
+
     @classmethod
     def availability(cls) -> Availability:
         """Can this system run on this machine at all (packages present, ...)?"""

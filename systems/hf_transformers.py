@@ -167,7 +167,7 @@ class HFTransformers(MoESystem):
         return Availability.yes()
 
     def router_support(self, shape: LayerShape) -> str:
-        if shape.score != "softmax" or shape.score_bias or shape.n_groups > 1 or shape.route_scale != 1.0:
+        if not shape.has_softmax_router:
             return (f"transformers' Mixtral / Qwen3-MoE routers are softmax top-k only; this workload's router is "
                     f"{shape.router_label()} (run it with router=softmax for the common softmax variant)")
         return ""
@@ -176,10 +176,9 @@ class HFTransformers(MoESystem):
         common = super().check_support(shape, knobs, parallel)
         if not common.ok:
             return common
-        if knobs.capacity_factor is not None:  # identical work or no comparison
-            return Availability.no(f"transformers' blocks have no capacity (every choice is "
-                                   f"computed), so a capacity factor {knobs.capacity_factor:g} trial would time "
-                                   "other work than the rest: run it with --capacity-factor dropless")
+        dropless = self.dropless_only("transformers' blocks", knobs)  # identical work or no comparison
+        if not dropless.ok:
+            return dropless
         experts = knobs.options.get("experts", "grouped_mm")
         if experts not in EXPERT_IMPLEMENTATIONS:
             return Availability.no(f"hf_transformers experts must be one of {', '.join(EXPERT_IMPLEMENTATIONS)}, "

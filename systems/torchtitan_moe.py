@@ -219,10 +219,9 @@ class TorchTitan(MoESystem):
         common = super().check_support(shape, knobs, parallel)
         if not common.ok:
             return common
-        if knobs.capacity_factor is not None:  # identical work or no comparison
-            return Availability.no(f"torchtitan's MoE has no capacity (every choice is "
-                                   f"computed), so a capacity factor {knobs.capacity_factor:g} trial would time "
-                                   "other work than the rest: run it with --capacity-factor dropless")
+        dropless = self.dropless_only("torchtitan's MoE", knobs)  # identical work or no comparison
+        if not dropless.ok:
+            return dropless
         if knobs.dtype != "bfloat16":
             return Availability.no("torchtitan's experts cast tokens and weights to bf16 for torch._grouped_mm "
                                    f"whatever the input dtype, so a {knobs.dtype} trial would compare bf16 expert "

@@ -215,7 +215,7 @@ class TutelNative(MoESystem):
 
     def router_support(self, shape: LayerShape) -> str:
         """Tutel's router: softmax top-k, renormalised or not (its normalize_gate); no bias, groups or scale."""
-        if shape.score != "softmax" or shape.score_bias or shape.n_groups > 1 or shape.route_scale != 1.0:
+        if not shape.has_softmax_router:
             return (f"tutel_native routes by softmax top-k (renormalised or not) only; this workload's router is "
                     f"{shape.router_label()} (run it with router=softmax for the common softmax variant)")
         return ""
