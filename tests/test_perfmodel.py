@@ -58,6 +58,7 @@ def test_a_sequential_layer_costs_what_the_formulas_say(flat):
         "decode": 2 * ((rows * M + T * M) * 4 + rows * 4) / rate,
         "experts and all-to-all": 3 * 2 * rows * M * H * g / rate,
         "activation": 3 * g * rows * H * 4 / rate,
+        "expert loop": 2 * 7 * E * 1e-12,  # SequentialMLP's 7 non-GEMM ops and module calls per expert
     }
     assert p.phases_s.keys() == want.keys()
     for name, seconds in want.items():

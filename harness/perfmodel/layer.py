@@ -22,11 +22,12 @@ twice; the same two all-to-alls):
   combine   all-to-all of R x M x b bytes (ep > 1)
   decode    weighted scatter of R x M rows back into T x M (memory-bound)
   shared    g dense GEMMs [T, M] x [M, S] (workloads with a shared expert)
+  loop      per-expert systems: their other ops per expert (SystemTraits.loop_ops), forward and backward
 
 Schedules: ``sequential`` sums everything (DeepSpeed-MoE, Megatron-Core's
 all-to-all dispatcher, transformers, torchtitan, the reference); ``tutel``
 pipelines dispatch -> experts -> combine in d chunks, one d for both
-directions (given, or the best of {1, 2, 4, 8} as Tutel's search finds);
+directions (given; the best of {1, 2, 4, 8} when its tuner runs; else 1);
 ``fsmoe`` chooses d separately per direction by its own cost model. The
 pipelined part uses fsmoe_native's overlap model (systems/fsmoe_native/
 schedule.py), fed with the testbed's costs instead of profiled ones.
@@ -49,15 +50,21 @@ class SystemTraits:
     rows: str  # "capacity" (padded E x C) | "live" (the T x k routed rows)
     gemm_calls: str  # "batched" (one call per projection) | "per_expert"
     schedule: str  # "sequential" | "tutel" | "fsmoe"
+    # Per-expert loops: the non-GEMM ops (and module calls) each expert's iteration runs forward, read
+    # from the system's code; each also has a backward node. Batched systems: 0.
+    loop_ops: int = 0
 
 
 SYSTEMS = {
     "tutel_native": SystemTraits("live", "batched", "tutel"),
     "tutel": SystemTraits("capacity", "batched", "tutel"),
     "fsmoe_native": SystemTraits("capacity", "batched", "fsmoe"),
-    "deepspeed_moe": SystemTraits("capacity", "per_expert", "sequential"),
-    "megatron_core": SystemTraits("live", "per_expert", "sequential"),
-    "torch_reference": SystemTraits("live", "per_expert", "sequential"),
+    # DeepSpeed's Experts.forward: the expert module's call, SiLU, the SwiGLU product
+    "deepspeed_moe": SystemTraits("capacity", "per_expert", "sequential", loop_ops=3),
+    # Megatron-Core's SequentialMLP: the MLP, fc1 and fc2 module calls; chunk, SiLU, offset add, product
+    "megatron_core": SystemTraits("live", "per_expert", "sequential", loop_ops=7),
+    # torch_reference's loop: ==, &, nonzero, row gather, SiLU, product, gate gather, gate product, index_add_
+    "torch_reference": SystemTraits("live", "per_expert", "sequential", loop_ops=9),
     "hf_transformers": SystemTraits("live", "batched", "sequential"),
     "torchtitan": SystemTraits("live", "batched", "sequential"),
 }
@@ -188,6 +195,8 @@ def predict_layer(testbed: Testbed, case: LayerCase) -> LayerPrediction:
     phases["experts and all-to-all"] = expert_s
     # the expert activation: read the g - 1 projections' rows, write one (SwiGLU: two in, one out)
     phases["activation"] = 3 * memory_s(case.gemms_per_expert * rows * (H // case.sharding) * b)
+    if traits.loop_ops:  # each loop op once forward and once as a backward node
+        phases["expert loop"] = 2 * traits.loop_ops * case.local_experts * per_call
     return LayerPrediction(total_s=sum(phases.values()), phases_s=phases, exposed_comm_s=exposed_s,
                            degrees=degrees, notes=notes)
 
