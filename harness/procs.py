@@ -43,7 +43,7 @@ def start(argv: list[str], *, input_pipe: bool = False, **popen_kwargs) -> subpr
 
 
 def wait(proc: subprocess.Popen, timeout_s: float, *, input: str | bytes | None = None,
-         grace_s: float = GRACE_S) -> Finished:
+         grace_s: float = GRACE_S, _release_held: bool = False) -> Finished:
     """Wait for `proc` (feeding `input`, collecting piped output); on timeout kill its tree.
 
     On anything else that interrupts the wait (Ctrl-C above all: the child's own
@@ -51,6 +51,8 @@ def wait(proc: subprocess.Popen, timeout_s: float, *, input: str | bytes | None 
     exception re-raised, so no child outlives the harness.
     """
     try:
+        if _release_held:
+            _release()
         out, err = proc.communicate(input=input, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         kill_tree(proc, grace_s)
@@ -64,9 +66,18 @@ def wait(proc: subprocess.Popen, timeout_s: float, *, input: str | bytes | None 
 
 def run(argv: list[str], timeout_s: float, *, input: str | bytes | None = None, grace_s: float = GRACE_S,
         **popen_kwargs) -> Finished:
-    """start() then wait(): the launch-and-reap path for one child."""
-    proc = start(argv, input_pipe=input is not None, **popen_kwargs)
-    return wait(proc, timeout_s, input=input, grace_s=grace_s)
+    """start() then wait(): the launch-and-reap path for one child.
+
+    A Ctrl-C or SIGTERM that arrives while the child is being started (inside Popen, or before
+    wait() is in its try) is held until wait() can kill the child's tree; raised there, it would
+    leave the child running with no one to kill it (a fresh clone's test once found one)."""
+    _HELD.append(True)
+    try:
+        proc = start(argv, input_pipe=input is not None, **popen_kwargs)
+    except BaseException:
+        _HELD.pop()
+        raise
+    return wait(proc, timeout_s, input=input, grace_s=grace_s, _release_held=True)
 
 
 # ----------------------------------------------------------------- the tree
@@ -147,6 +158,21 @@ def kill_tree(proc: subprocess.Popen | int, grace_s: float = GRACE_S) -> None:
 
 # ----------------------------------------------------------------- stopping the parent
 
+_HELD: list[bool] = []  # non-empty while run() starts a child: a stop signal waits (interruptible())
+_PENDING: list[int] = []  # the stop signal that waited
+_STOPPING: list[int] = []  # the stop signal being handled: later ones are ignored
+
+
+def _release() -> None:
+    """End one hold; raise the stop signal that waited for it, if any."""
+    if _HELD:
+        _HELD.pop()
+    if _PENDING and not _HELD:
+        signum = _PENDING.pop()
+        _STOPPING.append(signum)
+        raise Interrupted(signum)
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM, raised like Ctrl-C so the same clean-up (wait() kills the child's tree) runs."""
 
@@ -163,10 +189,15 @@ class Interrupted(KeyboardInterrupt):
 def interruptible():
     """SIGINT and SIGTERM raise Interrupted; while that clean-up runs (bounded by the grace
     period), further signals are ignored so it cannot itself be cut short and leave children."""
-    stopping = []
+    stopping = _STOPPING
+    stopping.clear()
+    _PENDING.clear()
 
     def handler(signum, frame):
-        if stopping:
+        if stopping or _PENDING:
+            return
+        if _HELD:  # a child is being started: raised in wait(), where its tree gets killed
+            _PENDING.append(signum)
             return
         stopping.append(signum)
         raise Interrupted(signum)

@@ -61,3 +61,21 @@ def test_run_passes_input_and_returns_output_and_exit_code():
     done = procs.run([sys.executable, "-c", code], 60, input="hello", text=True,
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert done.returncode == 3 and done.stdout.strip() == "HELLO" and not done.timed_out
+
+
+def test_a_stop_signal_while_a_child_starts_waits_until_its_tree_can_be_killed(monkeypatch):
+    """SIGTERM between the child's start and the wait that would kill it: it must not orphan the child."""
+    real_start, started = procs.start, []
+
+    def start_then_signal(*args, **kwargs):
+        proc = real_start(*args, **kwargs)
+        started.append(proc)
+        os.kill(os.getpid(), signal.SIGTERM)  # the child exists; wait() has not begun
+        return proc
+
+    monkeypatch.setattr(procs, "start", start_then_signal)
+    with pytest.raises(procs.Interrupted):
+        with procs.interruptible():
+            procs.run([sys.executable, "-c", "import time; time.sleep(60)"], 120)
+    (child,) = started
+    assert child.returncode is not None and not procs.is_alive(child.pid)
