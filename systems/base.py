@@ -257,7 +257,7 @@ class MoESystem(ABC):
         """For a system without capacity: refuse a capacity-factor trial, which would time other work."""
         if knobs.capacity_factor is None:
             return Availability.yes()
-        return Availability.no(f"{what} has no capacity (every choice is computed), so a capacity factor "
+        return Availability.no(f"{what}: no capacity (every choice is computed), so a capacity factor "
                                f"{knobs.capacity_factor:g} trial would time other work than the rest: run it "
                                "with --capacity-factor dropless")
 
