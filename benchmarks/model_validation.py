@@ -5,6 +5,11 @@ machine's CPU (same CPU model as the testbed's fingerprint) and whose system the
 model knows: predicted vs measured median step, the relative error, the median
 and largest error, and whether the model orders the systems of each comparison
 as measured (pairwise). Trials from other machines are left out and counted.
+Then peak memory: each trial's measured per-rank peak against the memory guard's
+estimate over the same scope (harness/perfmodel/memory_validation.py).
+
+It reads stored results only: it runs no trial (benchmarks/model_validation_runs.sh
+runs them).
 
 Run: .venv/bin/python benchmarks/model_validation.py [RESULTS ...] [--testbed FILE]
   (default: results/ recursively; the testbed is this machine's calibrated file,
@@ -22,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from harness.files import write_text_atomic  # noqa: E402
 from harness.perfmodel.calibrate import local_testbed_path  # noqa: E402
+from harness.perfmodel.memory_validation import checked_peaks, peak_rows, peak_summary  # noqa: E402
 from harness.perfmodel.testbed import load_testbed  # noqa: E402
 from harness.perfmodel.validation import checked_trials, summary  # noqa: E402
 from harness.tables import markdown_table  # noqa: E402
@@ -44,6 +50,23 @@ def by_workload(checked) -> list[tuple]:
         rows.append((name, s["trials"], f"{s['median_abs_error']:.0%}", f"{s['max_abs_error']:.0%}",
                      f"{s['order_agree']} of {s['order_pairs']}"))
     return rows
+
+
+def peak_memory_section(docs: list[dict]) -> list[str]:
+    """The report's "Peak memory" lines: the summary, what is compared, and one row per trial."""
+    checked, skipped = checked_peaks(docs)
+    s = peak_summary(checked)
+    return [
+        "## Peak memory", "",
+        f"**{s['trials']} layer trials; median |error| {s['median_abs_error']:.0%}, max {s['max_abs_error']:.0%}; "
+        f"{s['within_goal']} of {s['trials']} within {s['goal']:.0%} (the goal: all).** Left out: {len(skipped)} "
+        "without a measured peak of known scope.", "",
+        "Measured: `peak_memory_bytes`, the resident-set high-water mark of the system's own steps per rank "
+        "(reset after the build and the equivalence check; harness/trial.py). Predicted: the memory guard's "
+        "estimate (harness/memory_guard.py, as `moebench predict` prints it) over the same scope: runtime "
+        "(interpreter and libraries), parameters, gradients, activations, dispatch buffers and the input pool; "
+        "not the check's reference copy, which is freed before the steps.", "",
+        markdown_table(("comparison", "system", "measured GiB", "predicted GiB", "error"), peak_rows(checked)), ""]
 
 
 def main() -> int:
@@ -80,7 +103,8 @@ def main() -> int:
         "By workload (the first word of each comparison):", "",
         markdown_table(("workload", "trials", "median abs error", "max abs error", "pairs ordered as measured"),
                        by_workload(checked)), "",
-        markdown_table(("comparison", "system", "measured ms", "predicted ms", "error"), rows), ""])
+        markdown_table(("comparison", "system", "measured ms", "predicted ms", "error"), rows), "",
+        *peak_memory_section(docs)])
     write_text_atomic(text, ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out))
     print(text)
     return 0

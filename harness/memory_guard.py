@@ -11,7 +11,8 @@ The estimate, per rank, in bytes (b = bytes per element of the dtype; T tokens
 per rank, M model dim, H expert hidden, E experts, k top-k, cf the capacity
 factor, 1 when dropless; R = T k cf expert rows; ep expert-parallel ranks):
 
-* runtime: the interpreter, torch and the harness (RUNTIME_BYTES, CPU only);
+* runtime: the interpreter, torch, the harness and the system's library (RUNTIME_BYTES, more for
+  the systems in RUNTIME_BYTES_BY_SYSTEM; CPU only);
 * parameters: each MoE layer's gate (E M) and its local experts (E/ep of
   g H M each, g = 3 for SwiGLU else 2, plus H + M of biases), and at model
   level the embeddings, attention, norms, dense FFNs and the LM head;
@@ -55,6 +56,12 @@ SAFETY_FRACTION = 0.9
 # Resident set of a trial child before its tensors: 220 MiB after importing torch, the harness and a
 # system here; the debug trials' measured peaks, whose tensors are kilobytes, were 273-332 MiB.
 RUNTIME_BYTES = 300 << 20
+# Systems whose library alone holds more: Megatron-Core and transformers import far more than the rest.
+# Measured here (AMD EPYC, 2026-12-05): qwen3-30b-a3b debug layer trials (tensors of kilobytes), forward+
+# backward, warm-up 2 + 5 steps, peak of the system's steps, at 1, 2 and 4 ranks alike: megatron_core 452-457
+# MiB, hf_transformers 460; the others 278-309 (torch_reference 278, tutel_native 288-298, fsmoe_native 300,
+# deepspeed_moe 307-309), which RUNTIME_BYTES covers.
+RUNTIME_BYTES_BY_SYSTEM = {"megatron_core": 460 << 20, "hf_transformers": 460 << 20}
 GIB = float(1 << 30)
 # torchrun's report of a worker that died of SIGKILL ("traceback : Signal 9 (SIGKILL) received by PID N"),
 # looked for in the last STDERR_LINES lines of its stderr.
@@ -195,13 +202,20 @@ def _check(spec: TrialSpec, b: int) -> float:
     return (5 * moe_layer_parameters(shape) + moe_layer_activations(shape, T, rows, backward=True)) * b
 
 
+def _runtime(spec: TrialSpec) -> float:
+    """Resident bytes before any tensor: none on CUDA (the peak counts device tensors), else per system."""
+    if spec.knobs.device.startswith("cuda"):
+        return 0.0
+    return float(RUNTIME_BYTES_BY_SYSTEM.get(spec.system, RUNTIME_BYTES))
+
+
 def estimate_peak(spec: TrialSpec) -> Estimate:
     """The trial's estimated peak per rank, term by term (module docstring), from the spec alone."""
     b = torch_dtype(spec.knobs.dtype).itemsize
     params = _parameters(spec) * b
     backward = spec.mode != "forward"
     terms = {
-        "runtime": 0.0 if spec.knobs.device.startswith("cuda") else float(RUNTIME_BYTES),
+        "runtime": _runtime(spec),
         "parameters": params,
         "gradients": params if backward else 0.0,
         "optimizer": 2 * params if spec.level == "model" and spec.mode == "train" else 0.0,

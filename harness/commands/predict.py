@@ -55,18 +55,6 @@ def _entries(args: argparse.Namespace, systems: list[str]) -> list[tuple[str, di
     return entries
 
 
-def _peak_bytes(system: str, workload, options: dict, dtype: str, parallel, on_gpu: bool) -> float:
-    """Per-rank peak of the layer trial, by the memory guard's estimate (one estimator for both jobs)."""
-    from core.values import MoEKnobs
-    from harness.memory_guard import estimate_peak
-    from harness.trial_spec import TrialSpec
-
-    knobs = MoEKnobs(capacity_factor=workload.capacity_factor, dtype=dtype, device="cuda" if on_gpu else "cpu",
-                     options=dict(options))
-    spec = TrialSpec(system, workload, "layer", "forward_backward", "learned", knobs, parallel, check=False)
-    return estimate_peak(spec).per_rank
-
-
 def run(args: argparse.Namespace) -> int:
     from core.names import unknown_name_message
     from core.values import ParallelSpec
@@ -74,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from harness.errors import UsageError
     from harness.perfmodel.layer import SYSTEMS, predict_layer
     from harness.perfmodel.testbed import load_testbed
-    from harness.perfmodel.trials import layer_case, rank_threads
+    from harness.perfmodel.trials import layer_case, layer_peak_bytes, rank_threads
     from harness.tables import text_table
 
     if args.level != "layer":
@@ -101,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
             case = layer_case(name, workload.layer, workload.tokens_per_step, workload.capacity_factor, args.dtype,
                               args.ep, options, threads)
             p = predict_layer(testbed, case)
-            memory = _peak_bytes(name, workload, options, args.dtype, parallel, on_gpu=testbed.fingerprint is None)
+            device = "cuda" if testbed.fingerprint is None else "cpu"
+            memory = layer_peak_bytes(name, workload, workload.capacity_factor, args.dtype, parallel, device, options)
             fits = "" if memory <= testbed.memory_capacity.value else " (does not fit)"
             top = sorted(p.phases_s.items(), key=lambda kv: -kv[1])[:3]
             label = name + "".join(f" {k}={v}" for k, v in sorted(options.items()))

@@ -56,3 +56,18 @@ def prediction_for_record(trial: dict, testbed: Testbed) -> dict | None:
     p = predict_layer(testbed, case_from_record(trial))
     return {"testbed": testbed.name, "model": "harness/perfmodel/layer.py", "step_s": p.total_s,
             "exposed_comm_s": p.exposed_comm_s, "phases_s": dict(p.phases_s), "degrees": dict(p.degrees)}
+
+
+def layer_peak_bytes(system: str, workload, capacity_factor: float | None, dtype: str, parallel, device: str,
+                     options: dict | None = None, input_pool: int | None = None, check: bool = False) -> float:
+    """Per-rank peak of a layer forward+backward trial, by the memory guard's estimate: one estimator for
+    `moebench predict`, the validation and the guard. check=False by default, because the measured peak
+    covers the system's steps, after the equivalence check's copy is freed (harness/trial.py)."""
+    from core.values import MoEKnobs
+    from harness.memory_guard import estimate_peak
+    from harness.trial_spec import INPUT_POOL, TrialSpec
+
+    knobs = MoEKnobs(capacity_factor=capacity_factor, dtype=dtype, device=device, options=dict(options or {}))
+    spec = TrialSpec(system, workload, "layer", "forward_backward", "learned", knobs, parallel, check=check,
+                     input_pool=input_pool or INPUT_POOL)
+    return estimate_peak(spec).per_rank
