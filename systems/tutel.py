@@ -59,6 +59,7 @@ class TutelLayer(MoELayerAdapter):
             gate_type={"type": "top", "k": shape.top_k, "capacity_factor": 0.0 if cf is None else cf,
                        "fp32_gate": False},
             model_dim=shape.model_dim, experts=experts, group=group, seeds=(knobs.seed, knobs.seed + 1, 1),
+            a2a_ffn_overlap_degree=int(knobs.options.get("overlap_degree", 1)),
         ).to(dtype=knobs.torch_dtype, device=knobs.device)
         self._saved: tuple | None = None  # (x_TM, l_aux) of the last forward
 
@@ -119,6 +120,7 @@ class TutelLayer(MoELayerAdapter):
 class Tutel(MoESystem):
     name = "tutel"
     description = "Microsoft Tutel (tutel.moe.moe_layer), if installed"
+    options = {"overlap_degree": "a2a_ffn_overlap_degree (int >= 1): chunks of the all-to-all / expert pipeline"}
 
     @classmethod
     def availability(cls) -> Availability:

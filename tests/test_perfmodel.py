@@ -127,8 +127,9 @@ def test_predict_prints_every_system_on_a_gpu_testbed():
 
 
 @pytest.mark.parametrize("args,message", [
-    (("--level", "model"), "layer steps only"),
-    (("--dtype", "float64"), "float32 and bfloat16"),
+    (("--level", "block"), "predicts layer or model"),
+    (("--mode", "forward"), "predicts forward_backward at layer level"),
+    (("--dtype", "float64"), "float32, bfloat16, float16"),
     (("--testbed", "h900-node"), "unknown testbed"),
     (("--systems", "nonesuch"), "system for the performance model"),
     (("--nproc-per-node", "16", "--ep", "16", "--experts", "16"), "do not fit"),

@@ -160,3 +160,35 @@ def test_a_larger_micro_batch_costs_more_per_micro_batch(toy):
     small = predict_iteration(toy, WORKLOAD, "torch_reference", Layout(world=1), "float32")
     large = predict_iteration(toy, replace(WORKLOAD, batch_size=4), "torch_reference", Layout(world=1), "float32")
     assert large.micro_batch_s > small.micro_batch_s
+
+
+def moebench(*args: str):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_predict_model_level_prints_an_iteration_per_system():
+    proc = moebench("predict", "--testbed", "h100-cluster-4", "--level", "model", "--workload", "mixtral-8x7b",
+                    "--flavor", "full", "--nproc-per-node", "8", "--nnodes", "4", "--ep", "8", "--pp", "4",
+                    "--micro-batches", "8", "--dtype", "bfloat16", "--systems", "tutel,fsmoe_native",
+                    "--variant", "tutel:overlap_degree=4")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("mixtral-8x7b/full")]
+    assert len(lines) == 3 and "overlap_degree=4" in lines[2]
+    assert "pp 4" in proc.stdout and "dp 8" in proc.stdout
+
+
+@pytest.mark.parametrize("args, problem", [
+    (("--level", "model", "--pp", "3"), "world 8 is not divisible by tp x pp = 3"),
+    (("--pp", "2"), "use them with --level model"),
+    (("--level", "model", "--option", "tutel.nosuch=1"), "tutel has no option 'nosuch'"),
+])
+def test_predict_refuses_an_impossible_layout_in_one_line(args, problem):
+    proc = moebench("predict", "--testbed", "h100-node", "--workload", "mixtral-8x7b", "--flavor", "full",
+                    "--nproc-per-node", "8", "--ep", "8", "--systems", "tutel", *args)
+    assert proc.returncode == 2 and problem in proc.stderr and proc.stderr.strip().count("\n") == 0
