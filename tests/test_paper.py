@@ -80,3 +80,19 @@ def test_measure_applies_to_fsmoe_only():
     proc = moebench("paper", "megatron", "--measure")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--measure applies to `paper fsmoe` only" in proc.stderr
+
+
+def test_measured_rows_are_the_paired_speedups_of_the_newest_results(tmp_path):
+    from harness import stats
+    from harness.commands.paper import _measured_rows
+    from harness.files import read_json
+
+    rows, note = _measured_rows(ROOT / "results" / "paper_fsmoe")
+    assert {r.workload for r in rows} == {"gpt2-xl-moe", "mixtral-8x7b", "mixtral-8x22b"}
+    doc = read_json(sorted((ROOT / "results" / "paper_fsmoe").glob("*.json"))[-1])
+    trials = {(t["workload_spec"]["name"], t["system"]): t for t in doc["trials"]}
+    for r in rows:
+        want = stats.speedup(trials[(r.workload, "tutel_native")], trials[(r.workload, "fsmoe_native")])
+        assert r.speedup == pytest.approx(want.ratio) and r.rounds == want.n_pairs >= 3
+    assert "AMD EPYC" in note or "CPUs" in note
+    assert _measured_rows(tmp_path) == (None, "")  # nothing measured: no section

@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "2 ranks, EP 2) and put the measured speedups beside the modelled ones")
     parser.add_argument("--repeats", type=int, default=3, help="--measure: interleaved rounds (default: 3)")
     parser.add_argument("--results", metavar="DIR", default="results/paper_fsmoe",
-                        help="--measure: where the measured trials are written (default: results/paper_fsmoe)")
+                        help="fsmoe: where measured trials are read from (the newest file with both systems) and "
+                             "--measure writes them (default: results/paper_fsmoe)")
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -42,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--repeats must be at least 2 (a paired interval needs rounds), got {args.repeats}")
     command = _command_line(args)
     if args.paper == "fsmoe":
-        measured, note = (_measure(args) if args.measure else (None, ""))
+        if args.measure:
+            _measure(args)
+        measured, note = _measured_rows(Path(args.results))
         table = paper.fsmoe_table(command, measured, note)
         written = paper.write_table(table, Path(args.out), "fsmoe", "speedup over Tutel")
     else:
@@ -54,38 +57,46 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _measure(args: argparse.Namespace):
-    """Run the pair here, interleaved, and read the paired speedups back from the results written."""
-    from harness import cli, stats
+def _measure(args: argparse.Namespace) -> None:
+    """Run the pair here, interleaved, into --results (read back by _measured_rows)."""
+    from harness import cli
     from harness.errors import UsageError
-    from harness.paper import MeasuredRow
-    from harness.report import find_result_files, load_results
 
-    results = Path(args.results)
-    before = set(results.rglob("*.json")) if results.exists() else set()
     code = cli.main(["run", "--workload", MEASURE_WORKLOADS, "--flavor", "proxy", "--level", "model",
                      "--nproc-per-node", "2", "--ep", "2", "--systems", "tutel_native,fsmoe_native",
-                     "--repeats", str(args.repeats), "--out", str(results)])
-    new = [p for p in find_result_files([str(results)]) if p not in before]
-    if code not in (0, 1) or not new:  # 1: some trial failed; its rows are left out below
+                     "--repeats", str(args.repeats), "--out", args.results])
+    if code not in (0, 1):  # 1: some trial failed; its rows are left out of the table
         raise UsageError(f"the measured run failed (exit {code}); see its output above")
-    docs, _ = load_results(new)
-    rows = []
-    for doc in docs:
-        by_key: dict[str, dict] = {}
+
+
+def _measured_rows(results: Path):
+    """The paired speedups of the newest results file in `results` holding both systems, and a note on
+    how, where and when they were measured; (None, "") when nothing was measured yet."""
+    from harness import stats
+    from harness.paper import MeasuredRow
+    from harness.report import load_results
+
+    files = sorted(results.glob("*.json")) if results.is_dir() else []
+    docs, _ = load_results(files)
+    for doc in sorted(docs, key=lambda d: d.get("created_utc") or "", reverse=True):
+        by_workload: dict[str, dict] = {}
         for trial in doc.get("trials", []):
             if trial.get("status") == "ok":
-                by_key.setdefault(trial["workload_spec"]["name"], {})[trial["system"]] = trial
-        for workload, pair in sorted(by_key.items()):
+                by_workload.setdefault(trial["workload_spec"]["name"], {})[trial["system"]] = trial
+        rows = []
+        for workload, pair in sorted(by_workload.items()):
             if {"tutel_native", "fsmoe_native"} <= set(pair):
                 r = stats.speedup(pair["tutel_native"], pair["fsmoe_native"])
                 rows.append(MeasuredRow(workload, pair["tutel_native"]["summary"]["median"] * 1e3,
                                         pair["fsmoe_native"]["summary"]["median"] * 1e3, r.ratio, r.interval_text(),
                                         r.n_pairs))
-    note = (f"Measured by the same command: `./moebench run --workload {MEASURE_WORKLOADS} --flavor proxy --level "
-            f"model --nproc-per-node 2 --ep 2 --systems tutel_native,fsmoe_native --repeats {args.repeats}` "
-            f"(results in {results}/). Proxy flavours on this machine's CPU cores, gloo; speedup = tutel_native's "
-            "step / fsmoe_native's, geometric mean of the paired per-round ratios with its 95% bootstrap interval. "
-            "A CPU cannot overlap communication with compute here, so these rows test the systems, not FSMoE's "
-            "GPU claim.")
-    return rows, note
+        if rows:
+            env = doc.get("environment") or {}
+            note = (f"Measured {doc.get('created_utc', 'at an unrecorded time')} on {env.get('cpu_model', '?')} "
+                    f"({env.get('cpu_count', '?')} CPUs) by `{' '.join(doc.get('command_line') or [])}` "
+                    f"(results in {results}/; `paper fsmoe --measure` runs it again). Proxy flavours, gloo; speedup "
+                    "= tutel_native's step / fsmoe_native's, geometric mean of the paired per-round ratios with its "
+                    "95% bootstrap interval. A CPU cannot overlap communication with compute, so these rows test "
+                    "the two systems here, not FSMoE's GPU claim.")
+            return rows, note
+    return None, ""
