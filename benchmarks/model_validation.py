@@ -29,7 +29,7 @@ from harness.files import write_text_atomic  # noqa: E402
 from harness.perfmodel.calibrate import local_testbed_path  # noqa: E402
 from harness.perfmodel.memory_validation import checked_peaks, peak_rows, peak_summary  # noqa: E402
 from harness.perfmodel.testbed import load_testbed  # noqa: E402
-from harness.perfmodel.validation import checked_trials, summary  # noqa: E402
+from harness.perfmodel.validation import checked_iterations, checked_trials, summary  # noqa: E402
 from harness.tables import markdown_table  # noqa: E402
 
 
@@ -69,6 +69,26 @@ def peak_memory_section(docs: list[dict]) -> list[str]:
         markdown_table(("comparison", "system", "measured GiB", "predicted GiB", "error"), peak_rows(checked)), ""]
 
 
+def model_level_section(docs: list[dict], testbed) -> list[str]:
+    """The report's "Model level" lines: whole train steps against the iteration model."""
+    checked, skipped = checked_iterations(docs, testbed)
+    if not checked:
+        return ["## Model level", "", "No model-level train trials measured on this machine.", ""]
+    s = summary(checked)
+    rows = [(c.group, c.system, f"{c.measured_s * 1e3:.2f}", f"{c.predicted_s * 1e3:.2f}", f"{c.error:+.0%}")
+            for c in sorted(checked, key=lambda c: (c.group, c.system))]
+    return [
+        "## Model level", "",
+        f"**{s['trials']} model-level train trials; median |error| {s['median_abs_error']:.0%}, max "
+        f"{s['max_abs_error']:.0%}; the model orders {s['order_agree']} of {s['order_pairs']} system pairs as "
+        f"measured.** Left out: {len(skipped)} of systems or dtypes the model does not cover.", "",
+        "Measured: the median train step (forward, backward, data-parallel gradient all-reduce, AdamW step) of "
+        "the harness's transformer (harness/model.py). Predicted: harness/perfmodel/iteration.py at the trial's "
+        "ranks, EP and threads, one micro-batch of the workload's batch, gradient all-reduce as each system "
+        "places it (no overlap on shared cores).", "",
+        markdown_table(("comparison", "system", "measured ms", "predicted ms", "error"), rows), ""]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="*", default=["results"])
@@ -104,7 +124,7 @@ def main() -> int:
         markdown_table(("workload", "trials", "median abs error", "max abs error", "pairs ordered as measured"),
                        by_workload(checked)), "",
         markdown_table(("comparison", "system", "measured ms", "predicted ms", "error"), rows), "",
-        *peak_memory_section(docs)])
+        *peak_memory_section(docs), *model_level_section(docs, testbed)])
     write_text_atomic(text, ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out))
     print(text)
     return 0

@@ -192,3 +192,23 @@ def test_predict_refuses_an_impossible_layout_in_one_line(args, problem):
     proc = moebench("predict", "--testbed", "h100-node", "--workload", "mixtral-8x7b", "--flavor", "full",
                     "--nproc-per-node", "8", "--ep", "8", "--systems", "tutel", *args)
     assert proc.returncode == 2 and problem in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
+def test_model_level_trials_are_checked_against_the_iteration_model_at_their_layout():
+    from pathlib import Path
+
+    from harness.files import read_json
+    from harness.perfmodel.memory_validation import workload_from_record
+    from harness.perfmodel.validation import checked_iterations
+
+    root = Path(__file__).resolve().parent.parent
+    doc = read_json(sorted((root / "results" / "paper_fsmoe").glob("*.json"))[-1])
+    testbed = testbeds.load_testbed(root / "testbeds" / "local-a06012f4.toml")
+    checked, skipped = checked_iterations([doc], testbed)
+    assert len(checked) == 6 and not skipped
+    trial = next(t for t in doc["trials"] if t["id"] == checked[0].trial_id)
+    threads = trial["setup"].get("threads_per_rank") or trial["parallel"].get("threads_per_rank")
+    want = predict_iteration(testbed, workload_from_record(trial), trial["system"], Layout(world=2, ep=2),
+                             "float32", trial["knobs"].get("options") or {}, threads=threads)
+    assert checked[0].predicted_s == pytest.approx(want.total_s)
+    assert checked[0].measured_s == trial["summary"]["median"] and "ws2 ep2" in checked[0].group

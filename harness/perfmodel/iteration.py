@@ -151,11 +151,12 @@ def stage_layers(workload, layout: Layout) -> tuple[int, int]:
 
 
 def predict_iteration(testbed: Testbed, workload, system: str, layout: Layout, dtype: str = "bfloat16",
-                      options: dict | None = None, other_scale: float = 1.0) -> IterationPrediction:
+                      options: dict | None = None, other_scale: float = 1.0,
+                      threads: int | None = None) -> IterationPrediction:
     """One iteration (m micro-batches, gradient sync, optimizer step) on the slowest stage.
 
-    other_scale multiplies every non-MoE compute phase (attention, dense FFNs, head, optimizer): a free
-    testbed parameter a paper table may fit where the testbed is undescribed (harness/perfmodel/paper.py).
+    other_scale multiplies every non-MoE compute phase (attention, dense FFNs, head, optimizer).
+    threads: per rank on a CPU testbed, whose ranks share its cores (Testbed.compute_share).
     """
     layout.validate(workload, testbed)
     traits_of(system)
@@ -167,24 +168,28 @@ def predict_iteration(testbed: Testbed, workload, system: str, layout: Layout, d
     mbs = layout.micro_batch_size or workload.batch_size
     T = mbs * S
     tp = layout.tp
-    per_call = testbed.per_call_s
-    bandwidth = testbed.memory_bandwidth.value
+    share = testbed.compute_share(min(layout.world, testbed.devices_per_node), threads)
+    per_call = testbed.per_call_s / share
+    bandwidth = testbed.memory_bandwidth.value * share
+
+    def rate(shape: tuple[int, int, int]) -> float:
+        return testbed.gemm_flops(dtype, shape, threads=threads) * share
 
     def gemm_s(m: int, n: float, k: int) -> float:
         n = max(1, int(n))
-        return per_call + 2 * m * n * k / testbed.gemm_flops(dtype, (m, n, k))
+        return per_call + 2 * m * n * k / rate((m, n, k))
 
     kv = model.n_kv_heads * (M // model.n_heads)
     # forward + backward of one layer's parts (backward: GEMMs 2x, memory-bound passes 1x)
     attention = 3 * (gemm_s(T, (M + 2 * kv) / tp, M) + gemm_s(T, M / tp, M))
     core_flops = 2 * 2 * mbs * S * S * M / tp * CAUSAL_FRACTION
-    attention += 3 * core_flops / testbed.gemm_flops(dtype, (S, S, M // model.n_heads))
+    attention += 3 * core_flops / rate((S, S, M // model.n_heads))
     attention += 2 * (ELEMENTWISE_PASSES * T * M * b / tp / bandwidth + BLOCK_CALLS * per_call)
     tp_comm = 4 * testbed.collective_seconds("all_reduce", T * M * b, tp) if tp > 1 else 0.0
     dense_ffn = 3 * g * gemm_s(T, (model.dense_ffn_dim or layer.ffn_dim) / tp, M)
 
     moe_case = layer_case(system, layer, max(1, T // tp), workload.capacity_factor, dtype, layout.ep,
-                          options or {}, threads=None)
+                          options or {}, threads=threads)
     moe = predict_layer(testbed, moe_case)
     n_moe, n_dense = stage_layers(workload, layout)
     per_stage = n_moe + n_dense

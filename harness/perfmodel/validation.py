@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from harness.perfmodel.layer import predict_layer
+from harness.perfmodel.iteration import Layout, predict_iteration
+from harness.perfmodel.layer import SYSTEMS, predict_layer
 from harness.perfmodel.testbed import Testbed
 from harness.perfmodel.trials import case_from_record, predictable
 
@@ -69,3 +70,30 @@ def summary(checked: list[Checked]) -> dict:
     agree, pairs = pairwise_order_agreement(checked)
     return {"trials": len(checked), "median_abs_error": statistics.median(errors) if errors else math.nan,
             "max_abs_error": max(errors) if errors else math.nan, "order_agree": agree, "order_pairs": pairs}
+
+
+def checked_iterations(docs: list[dict], testbed: Testbed) -> tuple[list[Checked], list[str]]:
+    """Every ok model-level train trial of a system the model knows: its measured median step (forward,
+    backward, gradient sync, optimizer) against the iteration model (harness/perfmodel/iteration.py) at
+    the trial's ranks, EP and threads, one micro-batch of the workload's batch."""
+    from harness.perfmodel.memory_validation import workload_from_record
+
+    out, skipped = [], []
+    for doc in docs:
+        for trial in doc.get("trials", []):
+            if trial.get("status") != "ok" or trial.get("level") != "model" or trial.get("mode") != "train":
+                continue
+            if trial.get("system") not in SYSTEMS or trial.get("dtype") not in ("float32", "bfloat16"):
+                skipped.append(f"{trial['id']}: the model does not cover {trial['system']} in {trial.get('dtype')}")
+                continue
+            workload = workload_from_record(trial)
+            knobs, parallel = trial["knobs"], trial["parallel"]
+            workload = replace(workload, capacity_factor=knobs.get("capacity_factor"))
+            threads = (trial.get("setup") or {}).get("threads_per_rank") or parallel.get("threads_per_rank")
+            layout = Layout(world=parallel["world_size"], ep=parallel.get("ep", 1))
+            p = predict_iteration(testbed, workload, trial["system"], layout, trial["dtype"],
+                                  knobs.get("options") or {}, threads=threads)
+            group = (f"{workload.name}/{workload.flavor} {trial['dtype']} ws{layout.world} ep{layout.ep} "
+                     f"router={trial.get('router') or 'softmax'} cf={workload.capacity_factor or 'dropless'}")
+            out.append(Checked(trial["id"], trial["system"], group, trial["summary"]["median"], p.total_s))
+    return out, skipped
